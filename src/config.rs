@@ -1,0 +1,408 @@
+//! Settings of the outbox library: one struct, every field a clap flag and an
+//! environment variable, checked by [`Config::validate`] before anything starts.
+//!
+//! Binaries `#[command(flatten)]` this struct, so `--help` lists every setting with its
+//! default, and tests build it with [`Config::default`] and change what they need.
+
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::db::Synchronous;
+use crate::protocol;
+
+/// Every setting of the outbox, the relay and the consumer. Units are in the names.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// MQTT broker to publish to and consume from, as mqtt://HOST:PORT (no TLS in this
+    /// build).
+    #[arg(
+        long = "broker",
+        env = "MQTT_URL",
+        default_value = "mqtt://127.0.0.1:1883"
+    )]
+    pub broker_url: String,
+
+    /// MQTT client id prefix; the relay connects as "<id>-relay" and the consumer as
+    /// "<id>-consumer" (stable, so that the broker keeps the consumer's session).
+    #[arg(long, env = "MQTT_CLIENT_ID", default_value = "edge-outbox")]
+    pub client_id: String,
+
+    /// Name of this producer: the CloudEvents `source` of its events and a level of
+    /// their topics. Must be unique on the broker.
+    #[arg(long, env = "OUTBOX_SOURCE", default_value = "edge-outbox")]
+    pub source: String,
+
+    /// First topic level(s) of every topic this program uses.
+    #[arg(long, env = "TOPIC_PREFIX", default_value = "edge-outbox")]
+    pub topic_prefix: String,
+
+    /// Largest event envelope accepted at enqueue, in bytes; larger events are refused
+    /// together with their business write. The MQTT packet limit is set to match.
+    #[arg(long, env = "OUTBOX_PAYLOAD_MAX_BYTES", default_value_t = 256 * 1024)]
+    pub payload_max_bytes: usize,
+
+    /// QoS1 publishes the relay keeps in flight (waiting for PUBACK) at most.
+    #[arg(long, env = "RELAY_INFLIGHT_MAX", default_value_t = 100)]
+    pub relay_inflight_max: u16,
+
+    /// Pending rows the relay reads from the outbox per query at most.
+    #[arg(long, env = "RELAY_BATCH_MAX", default_value_t = 500)]
+    pub relay_batch_max: usize,
+
+    /// How often the relay announces each stream's head (last published sequence).
+    #[arg(long, env = "RELAY_HEADS_INTERVAL_MS", default_value_t = 5_000)]
+    pub relay_heads_interval_ms: u64,
+
+    /// How often the idle relay checks PRAGMA data_version for commits made by other
+    /// processes (commits made in this process wake it at once).
+    #[arg(long, env = "RELAY_POLL_INTERVAL_MS", default_value_t = 1_000)]
+    pub relay_poll_interval_ms: u64,
+
+    /// Messages the consumer applies per database transaction at most.
+    #[arg(long, env = "CONSUMER_BATCH_MAX", default_value_t = 256)]
+    pub consumer_batch_max: usize,
+
+    /// How long a consumer waits for a missing event (one that a later event or a head
+    /// announcement revealed) before asking the producer to replay.
+    #[arg(long, env = "CONSUMER_GAP_TIMEOUT_MS", default_value_t = 1_000)]
+    pub consumer_gap_timeout_ms: u64,
+
+    /// How often a consumer asks again while a replay has not filled its gap.
+    #[arg(long, env = "CONSUMER_REPLAY_RETRY_MS", default_value_t = 5_000)]
+    pub consumer_replay_retry_ms: u64,
+
+    /// How often a consumer reports its positions to producers (for outbox retention).
+    #[arg(long, env = "CONSUMER_REPORT_INTERVAL_MS", default_value_t = 30_000)]
+    pub consumer_report_interval_ms: u64,
+
+    /// Published outbox rows, inbox records and dead letters older than this are deleted
+    /// (outbox rows only once every known consumer has applied them).
+    #[arg(long, env = "RETENTION_MS", default_value_t = 7 * 24 * 3600 * 1000)]
+    pub retention_ms: u64,
+
+    /// A consumer that has not reported its position for this long no longer holds
+    /// back outbox retention.
+    #[arg(long, env = "CONSUMER_EXPIRY_MS", default_value_t = 30 * 24 * 3600 * 1000)]
+    pub consumer_expiry_ms: u64,
+
+    /// How often retention runs.
+    #[arg(long, env = "RETENTION_INTERVAL_MS", default_value_t = 3600 * 1000)]
+    pub retention_interval_ms: u64,
+
+    /// First wait before reconnecting to the broker after a failure.
+    #[arg(long, env = "RECONNECT_BACKOFF_MIN_MS", default_value_t = 100)]
+    pub reconnect_backoff_min_ms: u64,
+
+    /// Longest wait between reconnection attempts (the backoff doubles up to this).
+    #[arg(long, env = "RECONNECT_BACKOFF_MAX_MS", default_value_t = 10_000)]
+    pub reconnect_backoff_max_ms: u64,
+
+    /// MQTT keep-alive; a dead connection (e.g. packets silently dropped) is noticed
+    /// after about 1.5 times this.
+    #[arg(long, env = "MQTT_KEEP_ALIVE_S", default_value_t = 10)]
+    pub mqtt_keep_alive_s: u64,
+
+    /// SQLite durability of the writer: full (survives power cuts), normal or off
+    /// (benchmarks only).
+    #[arg(long, env = "DB_SYNCHRONOUS", default_value = "full")]
+    pub db_synchronous: Synchronous,
+
+    /// How long a write waits for a lock held by another process.
+    #[arg(long, env = "DB_BUSY_TIMEOUT_MS", default_value_t = 5_000)]
+    pub db_busy_timeout_ms: u64,
+
+    /// Write requests gathered into one transaction (one fsync) at most.
+    #[arg(long, env = "DB_WRITE_BATCH_MAX", default_value_t = 512)]
+    pub db_write_batch_max: usize,
+
+    /// How long the relay and consumer may take to finish in-flight work on shutdown.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT_MS", default_value_t = 5_000)]
+    pub shutdown_timeout_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            broker_url: "mqtt://127.0.0.1:1883".into(),
+            client_id: "edge-outbox".into(),
+            source: "edge-outbox".into(),
+            topic_prefix: "edge-outbox".into(),
+            payload_max_bytes: 256 * 1024,
+            relay_inflight_max: 100,
+            relay_batch_max: 500,
+            relay_heads_interval_ms: 5_000,
+            relay_poll_interval_ms: 1_000,
+            consumer_batch_max: 256,
+            consumer_gap_timeout_ms: 1_000,
+            consumer_replay_retry_ms: 5_000,
+            consumer_report_interval_ms: 30_000,
+            retention_ms: 7 * 24 * 3600 * 1000,
+            consumer_expiry_ms: 30 * 24 * 3600 * 1000,
+            retention_interval_ms: 3600 * 1000,
+            reconnect_backoff_min_ms: 100,
+            reconnect_backoff_max_ms: 10_000,
+            mqtt_keep_alive_s: 10,
+            db_synchronous: Synchronous::Full,
+            db_busy_timeout_ms: 5_000,
+            db_write_batch_max: 512,
+            shutdown_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// A setting that does not make sense, named with its flag.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid setting --{flag}: {reason}")]
+pub struct ConfigError {
+    pub flag: &'static str,
+    pub reason: String,
+}
+
+fn bad(flag: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        flag,
+        reason: reason.into(),
+    }
+}
+
+/// Where the broker is, parsed from `broker_url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerAddr {
+    pub host: String,
+    pub port: u16,
+}
+
+/// The largest MQTT payload accepted by an MQTT 3.1.1 broker (the remaining-length
+/// field tops out at 256 MiB) leaves room for the topic and headers.
+const MQTT_PAYLOAD_MAX_BYTES: usize = 255 * 1024 * 1024;
+
+impl Config {
+    /// Checks every setting; the error names the flag and what is wrong with it.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.broker()?;
+        if self.client_id.is_empty() || self.client_id.len() > 200 {
+            return Err(bad("client-id", "must be 1 to 200 characters"));
+        }
+        if !self
+            .client_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(bad(
+                "client-id",
+                "may hold only ASCII letters, digits, '-', '_' and '.'",
+            ));
+        }
+        protocol::validate_name(&self.source).map_err(|r| bad("source", r))?;
+        protocol::validate_prefix(&self.topic_prefix).map_err(|r| bad("topic-prefix", r))?;
+        if !(1024..=MQTT_PAYLOAD_MAX_BYTES).contains(&self.payload_max_bytes) {
+            return Err(bad(
+                "payload-max-bytes",
+                format!("must be between 1024 and {MQTT_PAYLOAD_MAX_BYTES}"),
+            ));
+        }
+        if self.relay_inflight_max == 0 || self.relay_inflight_max > 10_000 {
+            return Err(bad("relay-inflight-max", "must be between 1 and 10000"));
+        }
+        let positive: [(&'static str, u64); 12] = [
+            ("relay-batch-max", self.relay_batch_max as u64),
+            ("relay-heads-interval-ms", self.relay_heads_interval_ms),
+            ("relay-poll-interval-ms", self.relay_poll_interval_ms),
+            ("consumer-batch-max", self.consumer_batch_max as u64),
+            ("consumer-gap-timeout-ms", self.consumer_gap_timeout_ms),
+            ("consumer-replay-retry-ms", self.consumer_replay_retry_ms),
+            (
+                "consumer-report-interval-ms",
+                self.consumer_report_interval_ms,
+            ),
+            ("retention-interval-ms", self.retention_interval_ms),
+            ("reconnect-backoff-min-ms", self.reconnect_backoff_min_ms),
+            ("mqtt-keep-alive-s", self.mqtt_keep_alive_s),
+            ("db-write-batch-max", self.db_write_batch_max as u64),
+            ("shutdown-timeout-ms", self.shutdown_timeout_ms),
+        ];
+        if let Some((flag, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(bad(flag, "must be greater than 0"));
+        }
+        if self.reconnect_backoff_max_ms < self.reconnect_backoff_min_ms {
+            return Err(bad(
+                "reconnect-backoff-max-ms",
+                "must be at least --reconnect-backoff-min-ms",
+            ));
+        }
+        if self.retention_ms < 60_000 {
+            return Err(bad("retention-ms", "must be at least 60000 (one minute)"));
+        }
+        Ok(())
+    }
+
+    /// The broker address from `broker_url`.
+    pub fn broker(&self) -> Result<BrokerAddr, ConfigError> {
+        let url = self.broker_url.trim();
+        let rest = url
+            .strip_prefix("mqtt://")
+            .or_else(|| url.strip_prefix("tcp://"));
+        let Some(rest) = rest else {
+            let why = if url.starts_with("mqtts://") || url.starts_with("ssl://") {
+                "TLS (mqtts://) is not supported by this build; use mqtt://HOST:PORT on a trusted network"
+            } else {
+                "must look like mqtt://HOST:PORT"
+            };
+            return Err(bad("broker", format!("{url:?}: {why}")));
+        };
+        let rest = rest.trim_end_matches('/');
+        if rest.contains('@') {
+            return Err(bad("broker", "credentials in the URL are not supported"));
+        }
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) => {
+                let port =
+                    p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| {
+                        bad("broker", format!("{url:?}: port {p:?} is not 1-65535"))
+                    })?;
+                (h, port)
+            }
+            None => (rest, 1883),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || host.contains('/') {
+            return Err(bad("broker", format!("{url:?}: missing or malformed host")));
+        }
+        Ok(BrokerAddr {
+            host: host.to_owned(),
+            port,
+        })
+    }
+
+    /// The MQTT packet limit: the largest envelope plus its topic and the headers.
+    pub fn mqtt_packet_max_bytes(&self) -> usize {
+        self.payload_max_bytes + protocol::TOPIC_MAX_BYTES + 64
+    }
+
+    /// Convenience for durations stored as milliseconds.
+    pub fn ms(v: u64) -> Duration {
+        Duration::from_millis(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_is_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn clap_defaults_match_default_impl() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            config: Config,
+        }
+        // Only the flags' defaults are compared: the test must not read the environment.
+        let cmd = <Cli as clap::CommandFactory>::command();
+        let d = Config::default();
+        let expect = |id: &str, v: String| {
+            let arg = cmd.get_arguments().find(|a| a.get_id() == id).unwrap();
+            let default = arg.get_default_values()[0].to_string_lossy().to_string();
+            assert_eq!(default, v, "default of {id}");
+        };
+        expect("broker_url", d.broker_url.clone());
+        expect("relay_inflight_max", d.relay_inflight_max.to_string());
+        expect("payload_max_bytes", d.payload_max_bytes.to_string());
+        expect("retention_ms", d.retention_ms.to_string());
+        expect(
+            "consumer_gap_timeout_ms",
+            d.consumer_gap_timeout_ms.to_string(),
+        );
+        expect("db_synchronous", d.db_synchronous.to_string());
+        expect(
+            "reconnect_backoff_max_ms",
+            d.reconnect_backoff_max_ms.to_string(),
+        );
+    }
+
+    #[test]
+    fn broker_url_is_parsed_and_bad_ones_are_named() {
+        let mut c = Config {
+            broker_url: "mqtt://localhost:1999".into(),
+            ..Config::default()
+        };
+        assert_eq!(
+            c.broker().unwrap(),
+            BrokerAddr {
+                host: "localhost".into(),
+                port: 1999
+            }
+        );
+        c.broker_url = "mqtt://10.0.0.1".into();
+        assert_eq!(c.broker().unwrap().port, 1883);
+        for bad_url in [
+            "http://x:1",
+            "mqtt://:1883",
+            "mqtt://h:0",
+            "mqtt://h:99999",
+            "mqtts://h:8883",
+            "mqtt://u:p@h:1",
+        ] {
+            c.broker_url = bad_url.into();
+            let e = c.validate().unwrap_err();
+            assert_eq!(e.flag, "broker", "{bad_url}");
+        }
+    }
+
+    #[test]
+    fn zero_and_out_of_range_settings_are_refused_with_their_flag() {
+        let d = Config::default;
+        let cases = [
+            (
+                Config {
+                    relay_inflight_max: 0,
+                    ..d()
+                },
+                "relay-inflight-max",
+            ),
+            (
+                Config {
+                    consumer_batch_max: 0,
+                    ..d()
+                },
+                "consumer-batch-max",
+            ),
+            (
+                Config {
+                    topic_prefix: "a/+/b".into(),
+                    ..d()
+                },
+                "topic-prefix",
+            ),
+            (
+                Config {
+                    reconnect_backoff_max_ms: 1,
+                    ..d()
+                },
+                "reconnect-backoff-max-ms",
+            ),
+            (
+                Config {
+                    payload_max_bytes: 10,
+                    ..d()
+                },
+                "payload-max-bytes",
+            ),
+            (
+                Config {
+                    source: "Bad/Name".into(),
+                    ..d()
+                },
+                "source",
+            ),
+        ];
+        for (config, flag) in cases {
+            assert_eq!(config.validate().unwrap_err().flag, flag);
+        }
+    }
+}

@@ -1,0 +1,616 @@
+//! The consumer: receives events with QoS1 on a persistent session, applies them
+//! through [`crate::inbox`] and acknowledges each one only after its transaction
+//! committed.
+//!
+//! Two tasks. The *poller* owns the MQTT event loop: it forwards received messages,
+//! subscribes after every CONNACK (a broker that lost the session has lost the
+//! subscriptions too), and backs off after errors. The *processor* takes messages in
+//! batches, applies each batch in one write (one fsync), then sends the PUBACKs in
+//! receive order. Acks are never sent from the poller: rumqttc's request queue would
+//! fill while the poller waits on it (a deadlock seen in practice).
+//!
+//! The processor also repairs what the broker lost (docs/recovery.md): it tracks, per
+//! stream, the highest sequence number known to exist (from messages ahead of a gap
+//! and from the producer's head announcements) and asks the producer to replay when
+//! its position has not reached it for `--consumer-gap-timeout-ms`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rumqttc::{
+    AsyncClient, Event, EventLoop, Packet, Publish, QoS, SubscribeFilter, SubscribeReasonCode,
+};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio::time::{interval, sleep, Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ConfigError};
+use crate::db::{Database, DbError};
+use crate::inbox::{self, Handlers, InboxContext, Outcome, StreamKey};
+use crate::protocol::{self, HeadAnnouncement, PositionReport, ReplayRequest, Topics};
+use crate::retry::{Backoff, LogLimiter};
+
+/// Messages buffered between the poller and the processor. The broker sends at most
+/// its `max_inflight_messages` unacknowledged QoS1 messages, so this rarely fills.
+const RECEIVE_QUEUE_MAX: usize = 1_024;
+/// Rows deleted per inbox retention transaction at most.
+const PRUNE_BATCH_ROWS: usize = 5_000;
+
+/// Errors that stop the consumer from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("invalid subscription: {0}")]
+    Subscription(String),
+    #[error("consumer cannot read its positions: {0}")]
+    Db(#[from] DbError),
+}
+
+/// One stream's progress, for status pages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct StreamProgress {
+    /// Last sequence number applied.
+    pub position: u64,
+    /// Highest sequence number known to exist (from heads and received messages).
+    pub known_head: u64,
+}
+
+impl StreamProgress {
+    /// Events known to exist and not applied yet.
+    pub fn lag(&self) -> u64 {
+        self.known_head.saturating_sub(self.position)
+    }
+}
+
+/// What the consumer is doing, for status pages.
+#[derive(Debug, Default)]
+pub struct ConsumerStatus {
+    connected: AtomicBool,
+    applied: AtomicU64,
+    duplicates: AtomicU64,
+    dead_lettered: AtomicU64,
+    replays_requested: AtomicU64,
+    streams: Mutex<BTreeMap<String, StreamProgress>>,
+}
+
+impl ConsumerStatus {
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+    /// Events applied since start.
+    pub fn applied(&self) -> u64 {
+        self.applied.load(Ordering::Relaxed)
+    }
+    /// Duplicates acknowledged without effect since start.
+    pub fn duplicates(&self) -> u64 {
+        self.duplicates.load(Ordering::Relaxed)
+    }
+    /// Messages dead-lettered since start.
+    pub fn dead_lettered(&self) -> u64 {
+        self.dead_lettered.load(Ordering::Relaxed)
+    }
+    /// Replay requests sent since start.
+    pub fn replays_requested(&self) -> u64 {
+        self.replays_requested.load(Ordering::Relaxed)
+    }
+    /// Progress per stream ("source/stream").
+    pub fn streams(&self) -> BTreeMap<String, StreamProgress> {
+        self.streams.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+/// A gap: events up to `known` exist, the position is below it.
+#[derive(Debug)]
+struct Gap {
+    known: u64,
+    /// When the position last moved (or the gap was found).
+    progress_at: Instant,
+    requested_at: Option<Instant>,
+}
+
+enum Received {
+    Connected,
+    Message(Publish),
+}
+
+/// Consumes the given streams into one database. See the module docs.
+pub struct Consumer {
+    db: Database,
+    config: Config,
+    streams: Vec<StreamKey>,
+    ctx: Arc<InboxContext>,
+    status: Arc<ConsumerStatus>,
+}
+
+impl Consumer {
+    /// A consumer of `streams`, applying events with `handlers`.
+    pub fn new(
+        db: Database,
+        config: Config,
+        streams: Vec<StreamKey>,
+        handlers: Handlers,
+    ) -> Result<Consumer, ConsumerError> {
+        config.validate()?;
+        if streams.is_empty() {
+            return Err(ConsumerError::Subscription("no streams to consume".into()));
+        }
+        for k in &streams {
+            protocol::validate_name(&k.source)
+                .map_err(|e| ConsumerError::Subscription(format!("source {e}")))?;
+            protocol::validate_name(&k.stream)
+                .map_err(|e| ConsumerError::Subscription(format!("stream {e}")))?;
+        }
+        let ctx = Arc::new(InboxContext {
+            topics: Topics::new(&config.topic_prefix),
+            handlers,
+            payload_max_bytes: config.payload_max_bytes,
+        });
+        Ok(Consumer {
+            db,
+            config,
+            streams,
+            ctx,
+            status: Arc::new(ConsumerStatus::default()),
+        })
+    }
+
+    /// Live status, shared with the running consumer.
+    pub fn status(&self) -> Arc<ConsumerStatus> {
+        self.status.clone()
+    }
+
+    /// The stable MQTT client id of this consumer.
+    pub fn client_id(&self) -> String {
+        format!("{}-consumer", self.config.client_id)
+    }
+
+    /// Runs until `cancel` fires. The batch being applied is finished (committed and
+    /// acknowledged) first; messages not yet applied stay with the broker.
+    pub async fn run(self, cancel: CancellationToken) -> Result<(), ConsumerError> {
+        let cfg = &self.config;
+        let client_id = self.client_id();
+        let (client, eventloop) =
+            crate::mqtt::client(cfg, client_id.clone(), false, true, 4 * RECEIVE_QUEUE_MAX)?;
+        let topics = &self.ctx.topics;
+        let mut filters: Vec<SubscribeFilter> = self
+            .streams
+            .iter()
+            .map(|k| SubscribeFilter::new(topics.events(&k.source, &k.stream), QoS::AtLeastOnce))
+            .collect();
+        let mut sources: Vec<&str> = self.streams.iter().map(|k| k.source.as_str()).collect();
+        sources.sort_unstable();
+        sources.dedup();
+        // Heads are periodic and retained: QoS0 keeps them out of the offline queue.
+        filters.extend(
+            sources
+                .iter()
+                .map(|s| SubscribeFilter::new(topics.heads(s), QoS::AtMostOnce)),
+        );
+
+        let mut positions = self.db.read(inbox::positions).await?;
+        for k in &self.streams {
+            positions.entry(k.clone()).or_insert(0);
+        }
+        let (received_tx, mut received) = mpsc::channel(RECEIVE_QUEUE_MAX);
+        let poller_stop = CancellationToken::new();
+        let poller = tokio::spawn(poll(
+            eventloop,
+            client.clone(),
+            filters,
+            received_tx,
+            poller_stop.clone(),
+            Backoff::new(
+                Config::ms(cfg.reconnect_backoff_min_ms),
+                Config::ms(cfg.reconnect_backoff_max_ms),
+            ),
+            self.status.clone(),
+        ));
+
+        let mut p = Processor {
+            consumer: &self,
+            client: &client,
+            client_id: &client_id,
+            positions,
+            gaps: HashMap::new(),
+            dead_log: LogLimiter::new(Duration::from_secs(10)),
+            db_log: LogLimiter::new(Duration::from_secs(60)),
+            backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(5)),
+        };
+        p.publish_status();
+        let gap_every = Duration::from_millis((cfg.consumer_gap_timeout_ms / 2).max(10));
+        let mut gap_tick = interval(gap_every);
+        let mut report_tick = interval(Config::ms(cfg.consumer_report_interval_ms));
+        let mut retention_tick = interval(Config::ms(cfg.retention_interval_ms));
+        for t in [&mut gap_tick, &mut report_tick, &mut retention_tick] {
+            t.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        }
+        let mut batch = Vec::with_capacity(cfg.consumer_batch_max);
+        loop {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                first = received.recv() => {
+                    let Some(first) = first else { break };
+                    let mut next = Some(first);
+                    while let Some(item) = next.take() {
+                        match item {
+                            Received::Connected => p.report_positions(),
+                            Received::Message(m) if topics.parse_heads(&m.topic).is_some() => p.on_heads(&m).await,
+                            Received::Message(m) => batch.push(m),
+                        }
+                        if batch.len() < cfg.consumer_batch_max {
+                            next = received.try_recv().ok();
+                        }
+                    }
+                    if !batch.is_empty() && !p.process(&mut batch, &cancel).await {
+                        break;
+                    }
+                }
+                _ = gap_tick.tick() => p.request_replays(),
+                _ = report_tick.tick() => p.report_positions(),
+                _ = retention_tick.tick() => {
+                    let keep_ms = cfg.retention_ms;
+                    let r = self.db.writer().write(move |t| inbox::prune(t, keep_ms, PRUNE_BATCH_ROWS)).await;
+                    match r {
+                        Ok(n) if n > 0 => tracing::info!(rows = n, "retention deleted old inbox records and dead letters"),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "inbox retention failed; will try again"),
+                    }
+                }
+            }
+        }
+
+        tracing::info!("consumer stopping");
+        let _ = client.try_disconnect();
+        let _ = tokio::time::timeout(Config::ms(cfg.shutdown_timeout_ms), async {
+            // Give the poller a moment to send the acks and the DISCONNECT.
+            sleep(Duration::from_millis(100)).await;
+            poller_stop.cancel();
+            let _ = poller.await;
+        })
+        .await;
+        self.status.connected.store(false, Ordering::Relaxed);
+        tracing::info!("consumer stopped");
+        Ok(())
+    }
+}
+
+/// The processor's state.
+struct Processor<'a> {
+    consumer: &'a Consumer,
+    client: &'a AsyncClient,
+    client_id: &'a str,
+    positions: HashMap<StreamKey, u64>,
+    gaps: HashMap<StreamKey, Gap>,
+    dead_log: LogLimiter,
+    db_log: LogLimiter,
+    backoff: Backoff,
+}
+
+impl Processor<'_> {
+    /// Applies `batch` and acknowledges every message whose outcome is final, in
+    /// receive order. Returns false when cancelled while waiting to retry (the rest of
+    /// the batch stays unacknowledged; the broker delivers it again).
+    async fn process(&mut self, batch: &mut Vec<Publish>, cancel: &CancellationToken) -> bool {
+        while !batch.is_empty() {
+            let messages: Vec<(String, bytes::Bytes)> = batch
+                .iter()
+                .map(|m| (m.topic.clone(), m.payload.clone()))
+                .collect();
+            let ctx = self.consumer.ctx.clone();
+            let result = self
+                .consumer
+                .db
+                .writer()
+                .write(move |tx| Ok::<_, DbError>(inbox::apply_batch(tx, &ctx, &messages)))
+                .await;
+            let retry = match result {
+                Err(e) => Some(e.to_string()),
+                Ok(outcomes) => {
+                    let mut retry = None;
+                    let mut done = 0;
+                    for outcome in outcomes {
+                        if let Outcome::Retry(reason) = outcome {
+                            retry = Some(reason);
+                            break;
+                        }
+                        self.record(outcome);
+                        // Committed: now the broker may forget it.
+                        if let Err(e) = self.client.ack(&batch[done]).await {
+                            tracing::debug!(error = %e, "could not queue an ack; the broker will redeliver");
+                        }
+                        done += 1;
+                    }
+                    batch.drain(..done);
+                    retry
+                }
+            };
+            self.publish_status();
+            match retry {
+                None => self.backoff.reset(),
+                Some(reason) => {
+                    if let Some(suppressed) = self.db_log.allow() {
+                        tracing::warn!(error = %reason, waiting = batch.len(), suppressed, "consumer: transient failure; retrying");
+                    }
+                    tokio::select! {
+                        _ = sleep(self.backoff.next_delay()) => {}
+                        _ = cancel.cancelled() => return false,
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    fn record(&mut self, outcome: Outcome) {
+        let status = &self.consumer.status;
+        match outcome {
+            Outcome::Applied { key, seq, event_id } => {
+                tracing::debug!(%event_id, stream = %key, seq, "applied");
+                status.applied.fetch_add(1, Ordering::Relaxed);
+                self.advanced(key, seq);
+            }
+            Outcome::Duplicate { key, seq } => {
+                tracing::debug!(stream = %key, seq, "duplicate acknowledged without effect");
+                status.duplicates.fetch_add(1, Ordering::Relaxed);
+            }
+            Outcome::Ahead { key, seq, position } => {
+                tracing::debug!(stream = %key, seq, position, "event ahead of a gap: not applied, the gap will be replayed");
+                self.known(key, seq);
+            }
+            Outcome::DeadLettered { reason, advanced } => {
+                status.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                if let Some(suppressed) = self.dead_log.allow() {
+                    tracing::warn!(reason = %reason.escape_debug(), suppressed, "message dead-lettered");
+                }
+                if let Some((key, seq)) = advanced {
+                    self.advanced(key, seq);
+                }
+            }
+            Outcome::Retry(_) => unreachable!("retries are handled by the caller"),
+        }
+    }
+
+    fn advanced(&mut self, key: StreamKey, seq: u64) {
+        if let Some(gap) = self.gaps.get_mut(&key) {
+            gap.progress_at = Instant::now();
+            if seq >= gap.known {
+                self.gaps.remove(&key);
+            }
+        }
+        self.positions.insert(key, seq);
+    }
+
+    /// Sequence numbers up to `seq` exist in `key`.
+    fn known(&mut self, key: StreamKey, seq: u64) {
+        let position = self.positions.get(&key).copied().unwrap_or(0);
+        if seq <= position {
+            return;
+        }
+        let gap = self.gaps.entry(key).or_insert_with(|| Gap {
+            known: seq,
+            progress_at: Instant::now(),
+            requested_at: None,
+        });
+        gap.known = gap.known.max(seq);
+    }
+
+    async fn on_heads(&mut self, m: &Publish) {
+        let topic_source = self
+            .consumer
+            .ctx
+            .topics
+            .parse_heads(&m.topic)
+            .unwrap_or_default();
+        let heads: HeadAnnouncement = match protocol::parse_control(&m.payload) {
+            Ok(h) => h,
+            Err(e) => {
+                if let Some(suppressed) = self.dead_log.allow() {
+                    tracing::warn!(error = %e, topic = %m.topic, suppressed, "ignoring malformed head announcement");
+                }
+                return;
+            }
+        };
+        if heads.source != topic_source {
+            tracing::warn!(topic = %m.topic, source = %heads.source.escape_debug(), "ignoring head announcement whose source does not match its topic");
+            return;
+        }
+        for (stream, head) in heads.streams {
+            let key = StreamKey {
+                source: heads.source.clone(),
+                stream,
+            };
+            let Some(&position) = self.positions.get(&key) else {
+                continue; // a stream this consumer does not consume
+            };
+            if head.first > position + 1 {
+                self.skip_unrecoverable(key.clone(), head.first).await;
+            }
+            self.known(key, head.head);
+        }
+        self.publish_status();
+    }
+
+    /// The producer no longer holds what this consumer lacks: record the loss loudly
+    /// and move on (see the retention rule in docs/recovery.md).
+    async fn skip_unrecoverable(&mut self, key: StreamKey, first: u64) {
+        let k = key.clone();
+        let result = self
+            .consumer
+            .db
+            .writer()
+            .write(move |tx| inbox::skip_unrecoverable(tx, &k, first))
+            .await;
+        match result {
+            Ok(Some((from, to))) => {
+                tracing::error!(stream = %key, from, to, "events deleted by the producer's retention before this consumer applied them: skipped and recorded in inbox_skipped");
+                self.advanced(key, first - 1);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, stream = %key, "could not record skipped events; will try again")
+            }
+        }
+    }
+
+    /// Asks producers to replay streams whose gap has not closed in time.
+    fn request_replays(&mut self) {
+        let cfg = &self.consumer.config;
+        let now = Instant::now();
+        let (gap_timeout, retry) = (
+            Config::ms(cfg.consumer_gap_timeout_ms),
+            Config::ms(cfg.consumer_replay_retry_ms),
+        );
+        for (key, gap) in &mut self.gaps {
+            let position = self.positions.get(key).copied().unwrap_or(0);
+            let stalled = now.duration_since(gap.progress_at) >= gap_timeout;
+            let due = gap
+                .requested_at
+                .is_none_or(|t| now.duration_since(t) >= retry);
+            if position >= gap.known || !stalled || !due {
+                continue;
+            }
+            let request = ReplayRequest {
+                consumer: self.client_id.to_owned(),
+                stream: key.stream.clone(),
+                from_seq: position + 1,
+            };
+            let payload = serde_json::to_vec(&request).expect("replay requests serialise");
+            let topic = self.consumer.ctx.topics.replay(&key.source);
+            match self
+                .client
+                .try_publish(topic, QoS::AtLeastOnce, false, payload)
+            {
+                Ok(()) => {
+                    tracing::info!(stream = %key, from_seq = position + 1, known = gap.known, "asking the producer to replay");
+                    gap.requested_at = Some(now);
+                    self.consumer
+                        .status
+                        .replays_requested
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "could not queue a replay request; will try again")
+                }
+            }
+        }
+        self.gaps
+            .retain(|key, gap| self.positions.get(key).copied().unwrap_or(0) < gap.known);
+    }
+
+    /// Tells each producer what this consumer has applied (retained), so that its
+    /// retention keeps what this consumer still needs.
+    fn report_positions(&self) {
+        let mut by_source: BTreeMap<&str, BTreeMap<String, u64>> = BTreeMap::new();
+        for (key, position) in &self.positions {
+            by_source
+                .entry(&key.source)
+                .or_default()
+                .insert(key.stream.clone(), *position);
+        }
+        for (source, positions) in by_source {
+            let report = PositionReport {
+                consumer: self.client_id.to_owned(),
+                positions,
+            };
+            let payload = serde_json::to_vec(&report).expect("position reports serialise");
+            let topic = self.consumer.ctx.topics.positions(source, self.client_id);
+            if let Err(e) = self
+                .client
+                .try_publish(topic, QoS::AtLeastOnce, true, payload)
+            {
+                tracing::debug!(error = %e, "could not queue a position report; will send the next one");
+            }
+        }
+    }
+
+    fn publish_status(&self) {
+        let progress = self
+            .positions
+            .iter()
+            .map(|(key, &position)| {
+                let known_head = self
+                    .gaps
+                    .get(key)
+                    .map_or(position, |g| g.known.max(position));
+                (
+                    key.to_string(),
+                    StreamProgress {
+                        position,
+                        known_head,
+                    },
+                )
+            })
+            .collect();
+        if let Ok(mut s) = self.consumer.status.streams.lock() {
+            *s = progress;
+        }
+    }
+}
+
+/// The poller task: drives the event loop, forwards messages, resubscribes.
+async fn poll(
+    mut eventloop: EventLoop,
+    client: AsyncClient,
+    filters: Vec<SubscribeFilter>,
+    received: mpsc::Sender<Received>,
+    stop: CancellationToken,
+    mut backoff: Backoff,
+    status: Arc<ConsumerStatus>,
+) {
+    let mut log = LogLimiter::new(Duration::from_secs(60));
+    loop {
+        let event = tokio::select! {
+            _ = stop.cancelled() => return,
+            event = eventloop.poll() => event,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                tracing::info!(
+                    session_present = ack.session_present,
+                    "consumer connected to broker"
+                );
+                status.connected.store(true, Ordering::Relaxed);
+                backoff.reset();
+                log.reset();
+                // Always subscribe: a broker that lost the session lost the
+                // subscriptions, and the set of streams may have changed since.
+                if let Err(e) = client.try_subscribe_many(filters.clone()) {
+                    tracing::warn!(error = %e, "consumer could not queue its subscriptions");
+                }
+                if received.send(Received::Connected).await.is_err() {
+                    return;
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                if ack
+                    .return_codes
+                    .iter()
+                    .any(|c| matches!(c, SubscribeReasonCode::Failure))
+                {
+                    tracing::error!(codes = ?ack.return_codes, "the broker refused a subscription (check its ACLs)");
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                if received.send(Received::Message(p)).await.is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                status.connected.store(false, Ordering::Relaxed);
+                if let Some(suppressed) = log.allow() {
+                    tracing::warn!(error = %e, suppressed, "consumer: broker connection failed; reconnecting");
+                }
+                tokio::select! {
+                    _ = sleep(backoff.next_delay()) => {}
+                    _ = stop.cancelled() => return,
+                }
+            }
+        }
+    }
+}

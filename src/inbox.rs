@@ -1,0 +1,423 @@
+//! The inbox: applying received events exactly once, in stream order, inside one
+//! SQLite transaction each. No I/O besides the caller's transaction; the MQTT side is
+//! [`crate::consumer`].
+//!
+//! For one message, inside the transaction (and inside a savepoint of its own):
+//!
+//! 1. Check it: an event topic, within the size limit, a CloudEvent whose `source`
+//!    and `stream` match the topic, with a valid `sequence`. Otherwise it goes to
+//!    `dead_letters` (raw bytes, topic, reason) and is acknowledged.
+//! 2. Compare its sequence with the stream's position (last applied):
+//!    `seq <= position` is a duplicate (no effect); `seq > position + 1` is ahead of a
+//!    gap: not applied now, the gap is repaired by a replay (docs/recovery.md).
+//! 3. `seq == position + 1`: run the handler for its type in a nested savepoint, record
+//!    the event in `inbox` and advance the position. An unknown type or a handler's
+//!    permanent error dead-letters the event *and* advances the position (the stream
+//!    must not stall on it); a transient error (database busy) undoes everything for
+//!    this message so that it is tried again.
+//!
+//! The caller commits with FULL durability and only then acknowledges to the broker.
+
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Transaction};
+
+use crate::clock::now_ms;
+use crate::db::DbError;
+use crate::envelope::CloudEvent;
+use crate::outbox::OutboxError;
+use crate::protocol::Topics;
+
+/// A handler's failure.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandlerError {
+    /// Will fail again however often it is retried (bad data, a broken invariant): the
+    /// event is dead-lettered and the stream moves on.
+    #[error("{0}")]
+    Permanent(String),
+    /// May succeed later (database busy or full): the event is retried.
+    #[error("{0}")]
+    Transient(String),
+}
+
+fn is_transient(code: Option<ErrorCode>) -> bool {
+    matches!(
+        code,
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked | ErrorCode::DiskFull)
+    )
+}
+
+impl From<rusqlite::Error> for HandlerError {
+    fn from(e: rusqlite::Error) -> Self {
+        if is_transient(e.sqlite_error_code()) {
+            HandlerError::Transient(e.to_string())
+        } else {
+            HandlerError::Permanent(e.to_string())
+        }
+    }
+}
+
+impl From<DbError> for HandlerError {
+    fn from(e: DbError) -> Self {
+        if e.is_retryable() {
+            HandlerError::Transient(e.to_string())
+        } else {
+            HandlerError::Permanent(e.to_string())
+        }
+    }
+}
+
+impl From<OutboxError> for HandlerError {
+    fn from(e: OutboxError) -> Self {
+        match e {
+            OutboxError::Db(e) => e.into(),
+            other => HandlerError::Permanent(other.to_string()),
+        }
+    }
+}
+
+/// Applies one event type inside the consumer's transaction. It may write domain rows
+/// and enqueue outbox events of its own through the same `&Transaction`.
+pub type HandlerFn = dyn Fn(&Transaction, &CloudEvent) -> Result<(), HandlerError> + Send + Sync;
+
+/// Handlers by event type.
+#[derive(Clone, Default)]
+pub struct Handlers {
+    by_type: HashMap<String, Arc<HandlerFn>>,
+}
+
+impl Handlers {
+    /// No handlers: every event would be dead-lettered as of an unknown type.
+    pub fn new() -> Handlers {
+        Handlers::default()
+    }
+
+    /// Adds the handler for `event_type`.
+    pub fn on<F>(mut self, event_type: &str, f: F) -> Handlers
+    where
+        F: Fn(&Transaction, &CloudEvent) -> Result<(), HandlerError> + Send + Sync + 'static,
+    {
+        self.by_type.insert(event_type.to_owned(), Arc::new(f));
+        self
+    }
+}
+
+/// What applying needs besides the transaction.
+#[derive(Clone)]
+pub struct InboxContext {
+    pub topics: Topics,
+    pub handlers: Handlers,
+    /// Messages larger than this are dead-lettered unread.
+    pub payload_max_bytes: usize,
+}
+
+/// A stream of a producer, as the consumer tracks it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StreamKey {
+    pub source: String,
+    pub stream: String,
+}
+
+impl std::fmt::Display for StreamKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.source, self.stream)
+    }
+}
+
+/// What happened to one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Applied; the stream's position is now `seq`.
+    Applied {
+        key: StreamKey,
+        seq: u64,
+        event_id: String,
+    },
+    /// Already applied (`seq <= position`); no effect.
+    Duplicate { key: StreamKey, seq: u64 },
+    /// Ahead of a gap (`seq > position + 1`); not applied.
+    Ahead {
+        key: StreamKey,
+        seq: u64,
+        position: u64,
+    },
+    /// Stored in `dead_letters`. `advanced` is set when the message held the stream's
+    /// next sequence number, which it has consumed.
+    DeadLettered {
+        reason: String,
+        advanced: Option<(StreamKey, u64)>,
+    },
+    /// A transient failure; nothing of this message was kept. It and every message
+    /// after it in the batch must be tried again.
+    Retry(String),
+}
+
+/// Applies `messages` (topic, payload) in order, each in its own savepoint. Stops at
+/// the first [`Outcome::Retry`], which is then the last outcome returned.
+pub fn apply_batch(
+    tx: &Transaction,
+    ctx: &InboxContext,
+    messages: &[(String, bytes::Bytes)],
+) -> Vec<Outcome> {
+    let mut outcomes = Vec::with_capacity(messages.len());
+    for (topic, payload) in messages {
+        let outcome = in_savepoint(tx, "m", |tx| apply_one(tx, ctx, topic, payload))
+            .unwrap_or_else(|e| Outcome::Retry(e.to_string()));
+        let stop = matches!(outcome, Outcome::Retry(_));
+        outcomes.push(outcome);
+        if stop {
+            break;
+        }
+    }
+    outcomes
+}
+
+/// Runs `f` in a savepoint, rolled back when `f` fails or returns `Retry`.
+fn in_savepoint(
+    tx: &Transaction,
+    name: &str,
+    f: impl FnOnce(&Transaction) -> Result<Outcome, DbError>,
+) -> Result<Outcome, DbError> {
+    tx.execute_batch(&format!("SAVEPOINT {name}"))?;
+    let result = f(tx);
+    if matches!(result, Ok(Outcome::Retry(_)) | Err(_)) {
+        tx.execute_batch(&format!("ROLLBACK TO {name}; RELEASE {name}"))?;
+    } else {
+        tx.execute_batch(&format!("RELEASE {name}"))?;
+    }
+    result
+}
+
+fn apply_one(
+    tx: &Transaction,
+    ctx: &InboxContext,
+    topic: &str,
+    payload: &[u8],
+) -> Result<Outcome, DbError> {
+    let Some((topic_source, topic_stream)) = ctx.topics.parse_events(topic) else {
+        return dead_letter(
+            tx,
+            topic,
+            payload,
+            None,
+            format!("{topic:?} is not an event topic"),
+        );
+    };
+    if payload.len() > ctx.payload_max_bytes {
+        let reason = format!(
+            "{} bytes exceeds the {}-byte limit",
+            payload.len(),
+            ctx.payload_max_bytes
+        );
+        return dead_letter(tx, topic, payload, None, reason);
+    }
+    let (event, seq) = match CloudEvent::parse(payload) {
+        Ok(parsed) => parsed,
+        Err(reason) => return dead_letter(tx, topic, payload, None, reason),
+    };
+    if event.source != topic_source || event.stream != topic_stream {
+        let reason = format!(
+            "envelope says source {:?} stream {:?} but the topic says {topic_source:?} {topic_stream:?}",
+            event.source, event.stream
+        );
+        return dead_letter(tx, topic, payload, None, reason);
+    }
+    let key = StreamKey {
+        source: event.source.clone(),
+        stream: event.stream.clone(),
+    };
+    let position = position(tx, &key)?;
+    if seq <= position {
+        return Ok(Outcome::Duplicate { key, seq });
+    }
+    if seq > position + 1 {
+        return Ok(Outcome::Ahead { key, seq, position });
+    }
+    let seen: Option<i64> = tx
+        .prepare_cached("SELECT seq FROM inbox WHERE event_id = ?1")?
+        .query_row([&event.id], |r| r.get(0))
+        .optional()?;
+    if let Some(earlier) = seen {
+        // The same event id at a second position: a forged or corrupted message. It
+        // does not take the position; the real event for it will come in a replay.
+        let reason = format!(
+            "event id {} was already consumed at sequence {earlier}",
+            event.id
+        );
+        return dead_letter(tx, topic, payload, Some(&key), reason);
+    }
+
+    let handled = match ctx.handlers.by_type.get(&event.event_type) {
+        None => Err(HandlerError::Permanent(format!(
+            "no handler for event type {:?}",
+            event.event_type
+        ))),
+        Some(handler) => run_handler(tx, handler.as_ref(), &event)?,
+    };
+    let outcome = match handled {
+        Ok(()) => Outcome::Applied {
+            key: key.clone(),
+            seq,
+            event_id: event.id.clone(),
+        },
+        Err(HandlerError::Transient(reason)) => return Ok(Outcome::Retry(reason)),
+        Err(HandlerError::Permanent(reason)) => {
+            insert_dead_letter(tx, topic, payload, Some(&key), Some(seq), &reason)?;
+            Outcome::DeadLettered {
+                reason,
+                advanced: Some((key.clone(), seq)),
+            }
+        }
+    };
+    let label = if matches!(outcome, Outcome::Applied { .. }) {
+        "applied"
+    } else {
+        "dead_lettered"
+    };
+    tx.prepare_cached(
+        "INSERT INTO inbox (event_id, source, stream, seq, event_type, outcome, applied_at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        event.id,
+        key.source,
+        key.stream,
+        seq as i64,
+        event.event_type,
+        label,
+        now_ms()
+    ])?;
+    set_position(tx, &key, seq)?;
+    Ok(outcome)
+}
+
+/// Runs a handler in a nested savepoint so that a failed handler leaves no partial
+/// writes. A panicking handler counts as a permanent failure.
+fn run_handler(
+    tx: &Transaction,
+    handler: &HandlerFn,
+    event: &CloudEvent,
+) -> Result<Result<(), HandlerError>, DbError> {
+    tx.execute_batch("SAVEPOINT h")?;
+    let result = catch_unwind(AssertUnwindSafe(|| handler(tx, event)))
+        .unwrap_or_else(|_| Err(HandlerError::Permanent("the handler panicked".into())));
+    if result.is_ok() {
+        tx.execute_batch("RELEASE h")?;
+    } else {
+        tx.execute_batch("ROLLBACK TO h; RELEASE h")?;
+    }
+    Ok(result)
+}
+
+fn dead_letter(
+    tx: &Transaction,
+    topic: &str,
+    payload: &[u8],
+    key: Option<&StreamKey>,
+    reason: String,
+) -> Result<Outcome, DbError> {
+    insert_dead_letter(tx, topic, payload, key, None, &reason)?;
+    Ok(Outcome::DeadLettered {
+        reason,
+        advanced: None,
+    })
+}
+
+fn insert_dead_letter(
+    tx: &Transaction,
+    topic: &str,
+    payload: &[u8],
+    key: Option<&StreamKey>,
+    seq: Option<u64>,
+    reason: &str,
+) -> Result<(), DbError> {
+    tx.prepare_cached(
+        "INSERT INTO dead_letters (topic, payload, payload_len, reason, source, stream, seq, received_at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?
+    .execute(params![
+        topic,
+        payload,
+        payload.len() as i64,
+        reason,
+        key.map(|k| &k.source),
+        key.map(|k| &k.stream),
+        seq.map(|s| s as i64),
+        now_ms()
+    ])?;
+    Ok(())
+}
+
+/// The last sequence number applied in a stream (0 before the first).
+pub fn position(conn: &Connection, key: &StreamKey) -> Result<u64, DbError> {
+    let p: Option<i64> = conn
+        .prepare_cached("SELECT position FROM inbox_positions WHERE source = ?1 AND stream = ?2")?
+        .query_row([&key.source, &key.stream], |r| r.get(0))
+        .optional()?;
+    Ok(p.unwrap_or(0) as u64)
+}
+
+fn set_position(tx: &Transaction, key: &StreamKey, seq: u64) -> Result<(), DbError> {
+    tx.prepare_cached(
+        "INSERT INTO inbox_positions (source, stream, position, updated_at_ms) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (source, stream) DO UPDATE SET position = excluded.position, updated_at_ms = excluded.updated_at_ms",
+    )?
+    .execute(params![key.source, key.stream, seq as i64, now_ms()])?;
+    Ok(())
+}
+
+/// Every stream position this inbox holds.
+pub fn positions(conn: &Connection) -> Result<HashMap<StreamKey, u64>, DbError> {
+    let mut stmt = conn.prepare_cached("SELECT source, stream, position FROM inbox_positions")?;
+    let map = stmt
+        .query_map([], |r| {
+            Ok((
+                StreamKey {
+                    source: r.get(0)?,
+                    stream: r.get(1)?,
+                },
+                r.get::<_, i64>(2)? as u64,
+            ))
+        })?
+        .collect::<Result<HashMap<_, _>, _>>()?;
+    Ok(map)
+}
+
+/// The producer no longer holds events `position + 1 .. first - 1` (retention deleted
+/// them). Records the loss in `inbox_skipped` and moves the position to `first - 1`,
+/// so that the stream goes on. Returns the skipped range, if any.
+pub fn skip_unrecoverable(
+    tx: &Transaction,
+    key: &StreamKey,
+    first: u64,
+) -> Result<Option<(u64, u64)>, DbError> {
+    let position = position(tx, key)?;
+    if first <= position + 1 {
+        return Ok(None);
+    }
+    let range = (position + 1, first - 1);
+    tx.execute(
+        "INSERT INTO inbox_skipped (source, stream, first_seq, last_seq, recorded_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![key.source, key.stream, range.0 as i64, range.1 as i64, now_ms()],
+    )?;
+    set_position(tx, key, first - 1)?;
+    Ok(Some(range))
+}
+
+/// Retention on the consumer side: deletes up to `limit` inbox records and dead
+/// letters older than `retention_ms`. Positions are kept: they, not these records,
+/// guard against applying an event twice.
+pub fn prune(tx: &Transaction, retention_ms: u64, limit: usize) -> Result<usize, DbError> {
+    let cutoff = now_ms().saturating_sub(retention_ms as i64);
+    let inbox = tx.execute(
+        "DELETE FROM inbox WHERE rowid IN (SELECT rowid FROM inbox WHERE applied_at_ms < ?1 LIMIT ?2)",
+        params![cutoff, limit as i64],
+    )?;
+    let dead = tx.execute(
+        "DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters WHERE received_at_ms < ?1 ORDER BY id LIMIT ?2)",
+        params![cutoff, limit as i64],
+    )?;
+    Ok(inbox + dead)
+}

@@ -1,0 +1,338 @@
+//! The outbox: events written in the same transaction as the business change that
+//! caused them, and the queries the relay runs on them.
+//!
+//! A **stream** is an ordered sequence of events from one producer (`source`), named by
+//! the producer (e.g. `users`). Each event of a stream gets the next sequence number
+//! (1, 2, 3, ...): assigned inside the caller's transaction, so a rolled-back write
+//! leaves no gap, and counted in `outbox_streams`, so deleting old rows never lets a
+//! number be reused. Consumers apply each stream's events in this order, exactly once.
+//! Streams are independent: a producer chooses as many as it needs (one per aggregate
+//! type is typical); events of different streams have no order between them.
+
+use std::collections::BTreeMap;
+
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use serde::Serialize;
+
+use crate::clock::now_ms;
+use crate::config::Config;
+use crate::db::DbError;
+use crate::envelope::{self, CloudEvent};
+use crate::protocol::{self, StreamHead, Topics};
+
+/// Why an event was refused. The business write it came with is refused too, because
+/// the caller's transaction fails with it.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error("invalid stream name: {0}")]
+    InvalidStream(String),
+    #[error("invalid event: {0}")]
+    InvalidEvent(String),
+    #[error(
+        "event envelope is {size} bytes, more than the {max}-byte limit (--payload-max-bytes)"
+    )]
+    PayloadTooLarge { size: usize, max: usize },
+    #[error("event data cannot be serialised to JSON: {0}")]
+    Serialize(#[from] serde_json::Error),
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+impl From<rusqlite::Error> for OutboxError {
+    fn from(e: rusqlite::Error) -> Self {
+        OutboxError::Db(e.into())
+    }
+}
+
+/// An event to enqueue.
+#[derive(Debug, Clone, Copy)]
+pub struct NewEvent<'a, D: Serialize> {
+    /// The stream it belongs to (see the module docs).
+    pub stream: &'a str,
+    /// What happened, e.g. `user.created`.
+    pub event_type: &'a str,
+    /// What it happened to, e.g. the user id.
+    pub subject: Option<&'a str>,
+    /// The payload, serialised as the envelope's `data`.
+    pub data: &'a D,
+}
+
+/// An event that was enqueued (and commits or rolls back with the caller's transaction).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Enqueued {
+    /// Outbox row id.
+    pub row_id: i64,
+    /// The CloudEvents id (UUIDv7).
+    pub event_id: String,
+    /// Position in its stream.
+    pub seq: u64,
+}
+
+/// Enqueues events for one producer. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    source: String,
+    topics: Topics,
+    payload_max_bytes: usize,
+}
+
+impl Outbox {
+    /// The outbox of the producer `config.source`. `config` must be valid.
+    pub fn new(config: &Config) -> Outbox {
+        Outbox {
+            source: config.source.clone(),
+            topics: Topics::new(&config.topic_prefix),
+            payload_max_bytes: config.payload_max_bytes,
+        }
+    }
+
+    /// The producer name.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Writes `event` into the outbox inside `tx`: it commits or rolls back with the
+    /// caller's other writes. An event that could never be published (bad names, too
+    /// large) is refused here, so that the caller's transaction fails with it rather
+    /// than leaving a row that would be stuck later.
+    pub fn enqueue<D: Serialize>(
+        &self,
+        tx: &Transaction,
+        event: NewEvent<'_, D>,
+    ) -> Result<Enqueued, OutboxError> {
+        protocol::validate_name(event.stream).map_err(OutboxError::InvalidStream)?;
+        protocol::validate_event_type(event.event_type).map_err(OutboxError::InvalidEvent)?;
+        if let Some(subject) = event.subject {
+            if subject.len() > 1024 {
+                return Err(OutboxError::InvalidEvent(
+                    "subject is longer than 1024 bytes".into(),
+                ));
+            }
+        }
+        let topic = self.topics.events(&self.source, event.stream);
+        if topic.len() > protocol::TOPIC_MAX_BYTES {
+            return Err(OutboxError::InvalidEvent(format!(
+                "topic {topic:?} is too long"
+            )));
+        }
+        let data = serde_json::to_value(event.data)?;
+
+        let seq: i64 = tx
+            .prepare_cached(
+                "INSERT INTO outbox_streams (stream, last_seq) VALUES (?1, 1)
+                 ON CONFLICT (stream) DO UPDATE SET last_seq = last_seq + 1
+                 RETURNING last_seq",
+            )?
+            .query_row([event.stream], |r| r.get(0))?;
+        let seq = seq as u64;
+        let now = now_ms();
+        let event_id = uuid::Uuid::now_v7().to_string();
+        let envelope = CloudEvent {
+            specversion: envelope::SPEC_VERSION.into(),
+            id: event_id.clone(),
+            source: self.source.clone(),
+            event_type: event.event_type.into(),
+            subject: event.subject.map(str::to_owned),
+            time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            datacontenttype: envelope::CONTENT_TYPE.into(),
+            stream: event.stream.into(),
+            sequence: envelope::format_sequence(seq),
+            data,
+        };
+        let payload = serde_json::to_vec(&envelope)?;
+        if payload.len() > self.payload_max_bytes {
+            // The sequence number taken above is given back when the caller's
+            // transaction rolls back, as it must on this error.
+            return Err(OutboxError::PayloadTooLarge {
+                size: payload.len(),
+                max: self.payload_max_bytes,
+            });
+        }
+        tx.prepare_cached(
+            "INSERT INTO outbox (event_id, stream, seq, event_type, topic, payload, created_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?
+        .execute(params![
+            event_id,
+            event.stream,
+            seq as i64,
+            event.event_type,
+            topic,
+            payload,
+            now
+        ])?;
+        Ok(Enqueued {
+            row_id: tx.last_insert_rowid(),
+            event_id,
+            seq,
+        })
+    }
+}
+
+/// A pending outbox row, as the relay publishes it.
+#[derive(Debug, Clone)]
+pub struct PendingRow {
+    pub id: i64,
+    pub event_id: String,
+    pub stream: String,
+    pub seq: u64,
+    pub topic: String,
+    pub payload: Vec<u8>,
+}
+
+/// Up to `limit` pending rows with `id > after_id`, in id order (which is sequence
+/// order within each stream).
+pub fn fetch_pending(
+    conn: &Connection,
+    after_id: i64,
+    limit: usize,
+) -> Result<Vec<PendingRow>, DbError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, event_id, stream, seq, topic, payload FROM outbox
+         WHERE published_at_ms IS NULL AND id > ?1 ORDER BY id LIMIT ?2",
+    )?;
+    let rows = stmt
+        .query_map(params![after_id, limit as i64], |r| {
+            Ok(PendingRow {
+                id: r.get(0)?,
+                event_id: r.get(1)?,
+                stream: r.get(2)?,
+                seq: r.get::<_, i64>(3)? as u64,
+                topic: r.get(4)?,
+                payload: r.get(5)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// Marks rows published (after their PUBACK). Rows already marked are left alone.
+pub fn mark_published(tx: &Transaction, ids: &[i64]) -> Result<usize, DbError> {
+    let now = now_ms();
+    let mut stmt = tx.prepare_cached(
+        "UPDATE outbox SET published_at_ms = ?2 WHERE id = ?1 AND published_at_ms IS NULL",
+    )?;
+    let mut marked = 0;
+    for id in ids {
+        marked += stmt.execute(params![id, now])?;
+    }
+    Ok(marked)
+}
+
+/// Sets the published rows of `stream` from `from_seq` on back to pending, so that the
+/// relay publishes them again (the answer to a replay request). Returns how many.
+pub fn reset_for_replay(tx: &Transaction, stream: &str, from_seq: u64) -> Result<usize, DbError> {
+    let n = tx
+        .prepare_cached(
+            "UPDATE outbox SET published_at_ms = NULL
+             WHERE stream = ?1 AND seq >= ?2 AND published_at_ms IS NOT NULL",
+        )?
+        .execute(params![stream, from_seq.min(i64::MAX as u64) as i64])?;
+    Ok(n)
+}
+
+/// Every stream's head: what has been published without a hole, and the lowest
+/// sequence number still held.
+pub fn heads(conn: &Connection) -> Result<BTreeMap<String, StreamHead>, DbError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT s.stream, s.last_seq,
+                (SELECT MIN(o.seq) FROM outbox o WHERE o.stream = s.stream AND o.published_at_ms IS NULL),
+                (SELECT MIN(o.seq) FROM outbox o WHERE o.stream = s.stream)
+         FROM outbox_streams s",
+    )?;
+    let heads = stmt
+        .query_map([], |r| {
+            let last: i64 = r.get(1)?;
+            let min_pending: Option<i64> = r.get(2)?;
+            let first: Option<i64> = r.get(3)?;
+            Ok((
+                r.get::<_, String>(0)?,
+                StreamHead {
+                    head: min_pending.map_or(last, |p| p - 1) as u64,
+                    first: first.unwrap_or(last + 1) as u64,
+                },
+            ))
+        })?
+        .collect::<Result<BTreeMap<_, _>, _>>()?;
+    Ok(heads)
+}
+
+/// Records what a consumer reported it has applied.
+pub fn record_position(
+    tx: &Transaction,
+    consumer: &str,
+    stream: &str,
+    position: u64,
+) -> Result<(), DbError> {
+    tx.prepare_cached(
+        "INSERT INTO consumer_positions (consumer, stream, position, reported_at_ms) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (consumer, stream) DO UPDATE SET position = excluded.position, reported_at_ms = excluded.reported_at_ms",
+    )?
+    .execute(params![consumer, stream, position.min(i64::MAX as u64) as i64, now_ms()])?;
+    Ok(())
+}
+
+/// Retention: deletes up to `limit` outbox rows that are published, were created more
+/// than `retention_ms` ago, and that every consumer which reported within
+/// `consumer_expiry_ms` has applied. Returns how many were deleted.
+pub fn prune(
+    tx: &Transaction,
+    retention_ms: u64,
+    consumer_expiry_ms: u64,
+    limit: usize,
+) -> Result<usize, DbError> {
+    let now = now_ms();
+    let n = tx
+        .prepare_cached(
+            "DELETE FROM outbox WHERE id IN (
+                 SELECT o.id FROM outbox o
+                 WHERE o.published_at_ms IS NOT NULL AND o.created_at_ms < ?1
+                   AND o.seq <= COALESCE(
+                       (SELECT MIN(p.position) FROM consumer_positions p
+                        WHERE p.stream = o.stream AND p.reported_at_ms >= ?2),
+                       9223372036854775807)
+                 ORDER BY o.id LIMIT ?3)",
+        )?
+        .execute(params![
+            now.saturating_sub(retention_ms as i64),
+            now.saturating_sub(consumer_expiry_ms as i64),
+            limit as i64
+        ])?;
+    Ok(n)
+}
+
+/// Counts for status pages.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct OutboxStats {
+    pub pending: u64,
+    pub published: u64,
+    /// Age of the oldest pending row, when there is one.
+    pub oldest_pending_age_ms: Option<i64>,
+}
+
+/// Pending and published counts and the oldest pending age.
+pub fn stats(conn: &Connection) -> Result<OutboxStats, DbError> {
+    let (pending, oldest): (i64, Option<i64>) = conn.query_row(
+        "SELECT COUNT(*), MIN(created_at_ms) FROM outbox WHERE published_at_ms IS NULL",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let total: i64 = conn.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))?;
+    Ok(OutboxStats {
+        pending: pending as u64,
+        published: (total - pending) as u64,
+        oldest_pending_age_ms: oldest.map(|t| now_ms().saturating_sub(t)),
+    })
+}
+
+/// The highest sequence number enqueued in `stream`, if any.
+pub fn last_seq(conn: &Connection, stream: &str) -> Result<Option<u64>, DbError> {
+    Ok(conn
+        .query_row(
+            "SELECT last_seq FROM outbox_streams WHERE stream = ?1",
+            [stream],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()?
+        .map(|v| v as u64))
+}

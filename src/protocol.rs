@@ -1,0 +1,263 @@
+//! The topic scheme and the control messages of the recovery protocol.
+//!
+//! ```text
+//! {prefix}/events/{source}/{stream}       CloudEvents, QoS1        producer -> consumers
+//! {prefix}/heads/{source}                 HeadAnnouncement, QoS1,  producer -> consumers
+//!                                         retained, periodic
+//! {prefix}/replay/{source}                ReplayRequest, QoS1      consumer -> producer
+//! {prefix}/positions/{source}/{consumer}  PositionReport, QoS1,    consumer -> producer
+//!                                         retained, periodic
+//! ```
+//!
+//! docs/recovery.md explains how these messages repair what the broker loses.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Longest topic this program builds or accepts, in bytes.
+pub const TOPIC_MAX_BYTES: usize = 512;
+/// Longest source, stream or consumer name, in bytes.
+pub const NAME_MAX_BYTES: usize = 64;
+/// Longest event type, in bytes.
+pub const EVENT_TYPE_MAX_BYTES: usize = 128;
+/// Longest topic prefix, in bytes.
+pub const PREFIX_MAX_BYTES: usize = 128;
+/// Largest control message accepted, in bytes (a head announcement lists every stream
+/// of a producer; this bounds it to some thousands of streams).
+pub const CONTROL_MAX_BYTES: usize = 256 * 1024;
+
+/// A source, stream or consumer name: 1-64 of `a-z 0-9 . _ -`, starting with a letter or
+/// digit. Such names are safe as one MQTT topic level (no `/`, `+`, `#`, `$`).
+pub fn validate_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > NAME_MAX_BYTES {
+        return Err(format!("{name:?} must be 1 to {NAME_MAX_BYTES} bytes"));
+    }
+    let mut chars = name.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if !first_ok
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c))
+    {
+        return Err(format!(
+            "{name:?} may hold only a-z, 0-9, '.', '_' and '-', and must start with a letter or digit"
+        ));
+    }
+    Ok(())
+}
+
+/// An event type such as `user.created`: 1-128 of `A-Z a-z 0-9 . _ -`.
+pub fn validate_event_type(t: &str) -> Result<(), String> {
+    if t.is_empty() || t.len() > EVENT_TYPE_MAX_BYTES {
+        return Err(format!(
+            "event type {t:?} must be 1 to {EVENT_TYPE_MAX_BYTES} bytes"
+        ));
+    }
+    if !t
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+    {
+        return Err(format!(
+            "event type {t:?} may hold only letters, digits, '.', '_' and '-'"
+        ));
+    }
+    Ok(())
+}
+
+/// A topic prefix: one or more `/`-separated levels, each 1 or more of
+/// `A-Z a-z 0-9 . _ -`; no wildcards, no leading `$` (reserved by brokers), no empty level.
+pub fn validate_prefix(prefix: &str) -> Result<(), String> {
+    if prefix.is_empty() || prefix.len() > PREFIX_MAX_BYTES {
+        return Err(format!("{prefix:?} must be 1 to {PREFIX_MAX_BYTES} bytes"));
+    }
+    for level in prefix.split('/') {
+        if level.is_empty() {
+            return Err(format!("{prefix:?} has an empty topic level"));
+        }
+        if !level
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        {
+            return Err(format!(
+                "{prefix:?}: topic levels may hold only letters, digits, '.', '_' and '-' (no wildcards)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Builds and parses the topics under one prefix.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    prefix: String,
+}
+
+impl Topics {
+    /// `prefix` must have passed [`validate_prefix`].
+    pub fn new(prefix: &str) -> Topics {
+        Topics {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    /// Where the events of one stream are published.
+    pub fn events(&self, source: &str, stream: &str) -> String {
+        format!("{}/events/{source}/{stream}", self.prefix)
+    }
+
+    /// Every event topic, for `mosquitto_sub`.
+    pub fn events_all(&self) -> String {
+        format!("{}/events/#", self.prefix)
+    }
+
+    /// Where a producer announces the heads of its streams.
+    pub fn heads(&self, source: &str) -> String {
+        format!("{}/heads/{source}", self.prefix)
+    }
+
+    /// Where consumers ask a producer to replay.
+    pub fn replay(&self, source: &str) -> String {
+        format!("{}/replay/{source}", self.prefix)
+    }
+
+    /// Where a consumer reports its positions in one producer's streams.
+    pub fn positions(&self, source: &str, consumer: &str) -> String {
+        format!("{}/positions/{source}/{consumer}", self.prefix)
+    }
+
+    /// Every consumer's positions in one producer's streams.
+    pub fn positions_all(&self, source: &str) -> String {
+        format!("{}/positions/{source}/+", self.prefix)
+    }
+
+    /// `(source, stream)` of an event topic, or None for any other topic.
+    pub fn parse_events<'a>(&self, topic: &'a str) -> Option<(&'a str, &'a str)> {
+        let rest = topic
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix("/events/")?;
+        let (source, stream) = rest.split_once('/')?;
+        (!stream.contains('/')).then_some((source, stream))
+    }
+
+    /// The source of a heads topic, or None for any other topic.
+    pub fn parse_heads<'a>(&self, topic: &'a str) -> Option<&'a str> {
+        let rest = topic
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix("/heads/")?;
+        (!rest.contains('/')).then_some(rest)
+    }
+}
+
+/// What a producer has published, per stream. Sent periodically and retained, so that a
+/// consumer learns of events it never received even when nothing later arrives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeadAnnouncement {
+    /// The producer.
+    pub source: String,
+    /// Stream name -> its head.
+    pub streams: BTreeMap<String, StreamHead>,
+}
+
+/// One stream in a [`HeadAnnouncement`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamHead {
+    /// Every event with `sequence <= head` has been published (PUBACKed).
+    pub head: u64,
+    /// The lowest sequence number the producer still holds and can replay; events below
+    /// it were deleted by retention.
+    pub first: u64,
+}
+
+/// A consumer asks a producer to publish a stream again from `from_seq` on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayRequest {
+    /// The consumer asking (its client id).
+    pub consumer: String,
+    /// The producer's stream.
+    pub stream: String,
+    /// The first sequence number the consumer lacks (its position + 1).
+    pub from_seq: u64,
+}
+
+/// A consumer's positions in one producer's streams. The producer keeps outbox rows
+/// that a known consumer has not applied yet (see the retention rule).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PositionReport {
+    /// The consumer (its client id).
+    pub consumer: String,
+    /// Stream name -> last sequence number applied.
+    pub positions: BTreeMap<String, u64>,
+}
+
+/// Parses a control message, refusing oversize input before parsing it.
+pub fn parse_control<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, String> {
+    if payload.len() > CONTROL_MAX_BYTES {
+        return Err(format!(
+            "{} bytes exceeds the {CONTROL_MAX_BYTES}-byte limit for control messages",
+            payload.len()
+        ));
+    }
+    serde_json::from_slice(payload).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_with_topic_metacharacters_are_refused() {
+        for bad in [
+            "",
+            "a/b",
+            "a+",
+            "#",
+            "$sys",
+            "Upper",
+            "-lead",
+            &"x".repeat(65),
+        ] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
+        for good in ["users", "user-service", "a.b_c-1", "0"] {
+            validate_name(good).unwrap();
+        }
+    }
+
+    #[test]
+    fn prefixes_refuse_empty_levels_and_wildcards() {
+        for bad in ["", "/a", "a/", "a//b", "a/+", "a/#", "$SYS", "a b"] {
+            assert!(validate_prefix(bad).is_err(), "{bad:?}");
+        }
+        validate_prefix("site-1/box").unwrap();
+    }
+
+    #[test]
+    fn event_topics_round_trip() {
+        let t = Topics::new("p/q");
+        let topic = t.events("user-service", "users");
+        assert_eq!(topic, "p/q/events/user-service/users");
+        assert_eq!(t.parse_events(&topic), Some(("user-service", "users")));
+        assert_eq!(t.parse_events("p/q/events/a/b/c"), None);
+        assert_eq!(t.parse_events("p/q/heads/a"), None);
+        assert_eq!(t.parse_heads("p/q/heads/a"), Some("a"));
+    }
+
+    #[test]
+    fn control_messages_refuse_unknown_fields_and_oversize_input() {
+        assert!(parse_control::<ReplayRequest>(
+            br#"{"consumer":"c","stream":"s","from_seq":1,"x":1}"#
+        )
+        .is_err());
+        assert!(parse_control::<ReplayRequest>(&vec![b' '; CONTROL_MAX_BYTES + 1]).is_err());
+        let r: ReplayRequest =
+            parse_control(br#"{"consumer":"c","stream":"s","from_seq":3}"#).unwrap();
+        assert_eq!(r.from_seq, 3);
+    }
+}

@@ -1,0 +1,563 @@
+//! The relay: publishes pending outbox rows to the broker with QoS1 and marks each one
+//! published only after the broker's PUBACK for that very row.
+//!
+//! One task owns the MQTT event loop and all relay state, and waits on whichever comes
+//! first: an MQTT event, a local commit that inserted outbox rows (an in-process
+//! signal from the writer), a timer that checks `PRAGMA data_version` for commits made
+//! by other processes, the result of a database read or write (run off the async
+//! threads), or a timer (head announcements, retention). When idle it sleeps.
+//!
+//! - Publishing: rows are read in id order (sequence order within each stream) and
+//!   handed to rumqttc while fewer than `--relay-inflight-max` await their PUBACK.
+//! - Marking: PUBACKed row ids are collected and marked in one write per batch.
+//! - Failure: on any connection error the PUBACK correlation is dropped, the relay
+//!   waits (capped exponential backoff with jitter) and, once connected again,
+//!   publishes every row still pending from the start: at-least-once. Killed at any
+//!   instant, it resumes the same way on restart.
+//! - Recovery (docs/recovery.md): it announces each stream's head every
+//!   `--relay-heads-interval-ms` and answers replay requests by setting the requested
+//!   rows back to pending.
+
+mod correlation;
+
+pub use correlation::Correlator;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, Outgoing, Packet, QoS};
+use rusqlite::{Connection, OpenFlags};
+use tokio::sync::mpsc;
+use tokio::time::{interval, sleep, sleep_until, Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ConfigError};
+use crate::db::{Database, DbError};
+use crate::outbox::{self, PendingRow};
+use crate::protocol::{self, HeadAnnouncement, PositionReport, ReplayRequest, StreamHead, Topics};
+use crate::retry::{Backoff, LogLimiter};
+
+/// Rows deleted per retention transaction at most, so that retention never holds the
+/// writer for long.
+const PRUNE_BATCH_ROWS: usize = 5_000;
+/// Replay requests for one stream are served at most this often; a consumer whose gap
+/// is still open asks again (see `--consumer-replay-retry-ms`).
+const REPLAY_MIN_INTERVAL: Duration = Duration::from_millis(500);
+/// Streams whose last replay time is remembered at most (bounds memory under a flood
+/// of requests naming made-up streams).
+const REPLAY_MEMORY_MAX: usize = 10_000;
+/// Streams one position report may list at most.
+const REPORT_STREAMS_MAX: usize = 1_000;
+/// Wait before marking again after a failed mark.
+const MARK_RETRY_DELAY: Duration = Duration::from_secs(1);
+/// Time given to the DISCONNECT packet on shutdown.
+const DISCONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Errors that stop the relay from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("relay cannot open the database: {0}")]
+    Db(#[from] DbError),
+}
+
+/// What the relay is doing, for status pages. Cheap to read at any time.
+#[derive(Debug, Default)]
+pub struct RelayStatus {
+    connected: AtomicBool,
+    marked_published: AtomicU64,
+}
+
+impl RelayStatus {
+    /// True while connected to the broker.
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+    /// Rows marked published since the relay started.
+    pub fn marked_published(&self) -> u64 {
+        self.marked_published.load(Ordering::Relaxed)
+    }
+}
+
+/// Publishes the outbox of one database. See the module docs.
+pub struct Relay {
+    db: Database,
+    config: Config,
+    topics: Topics,
+    status: Arc<RelayStatus>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+/// A read of pending rows: the wake generation it started at, its limit, its rows.
+type FetchResult = (u64, usize, Result<Vec<PendingRow>, DbError>);
+/// A mark of PUBACKed rows: the row ids and the outcome.
+type MarkResult = (Vec<i64>, Result<usize, DbError>);
+
+/// Results of work done off the relay task.
+enum Side {
+    DataVersion(Result<i64, DbError>),
+    Heads(Result<BTreeMap<String, StreamHead>, DbError>),
+    Replayed {
+        stream: String,
+        from_seq: u64,
+        result: Result<usize, DbError>,
+    },
+    Pruned(Result<usize, DbError>),
+    Recorded(Result<(), DbError>),
+}
+
+/// The relay task's state between events.
+struct State {
+    correlator: Correlator,
+    /// PUBACKed rows waiting to be marked.
+    acked: Vec<i64>,
+    /// Rows handed to rumqttc, PUBACKed or being marked: not to be fetched again.
+    sent: HashSet<i64>,
+    /// Highest row id fetched since the last reset.
+    cursor: i64,
+    /// There may be pending rows after `cursor`.
+    maybe_more: bool,
+    /// Bumped by every wake-up, so that a fetch that started before a commit does not
+    /// conclude that nothing is left.
+    wake_gen: u64,
+    connected: bool,
+    last_data_version: Option<i64>,
+    last_replay: HashMap<String, Instant>,
+}
+
+impl State {
+    fn wake(&mut self) {
+        self.maybe_more = true;
+        self.wake_gen += 1;
+    }
+
+    /// Start publishing from the first pending row again.
+    fn rewind(&mut self) {
+        self.cursor = 0;
+        self.wake();
+    }
+
+    /// The connection is gone: rows waiting for a PUBACK will be published again.
+    fn connection_lost(&mut self) {
+        for id in self.correlator.reset() {
+            self.sent.remove(&id);
+        }
+        self.connected = false;
+        self.rewind();
+    }
+}
+
+/// Awaits the future in `slot`, or never when there is none.
+async fn maybe<T>(slot: &mut Option<BoxFuture<T>>) -> T {
+    match slot {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Relay {
+    /// A relay for `db`, publishing as `config.source`.
+    pub fn new(db: Database, config: Config) -> Result<Relay, RelayError> {
+        config.validate()?;
+        Ok(Relay {
+            topics: Topics::new(&config.topic_prefix),
+            db,
+            config,
+            status: Arc::new(RelayStatus::default()),
+        })
+    }
+
+    /// Live status, shared with the running relay.
+    pub fn status(&self) -> Arc<RelayStatus> {
+        self.status.clone()
+    }
+
+    /// Runs until `cancel` fires, then waits up to `--shutdown-timeout-ms` for the
+    /// PUBACKs of what is in flight and marks them; anything still unacknowledged stays
+    /// pending and is published again by the next run.
+    pub async fn run(self, cancel: CancellationToken) -> Result<(), RelayError> {
+        let cfg = &self.config;
+        let window = usize::from(cfg.relay_inflight_max);
+        let source = cfg.source.as_str();
+        let (client, mut eventloop) = crate::mqtt::client(
+            cfg,
+            format!("{}-relay", cfg.client_id),
+            true,
+            false,
+            window * 2 + 16,
+        )?;
+        let replay_topic = self.topics.replay(source);
+        let positions_filter = self.topics.positions_all(source);
+        let positions_prefix = positions_filter.trim_end_matches('+').to_owned();
+        let heads_topic = self.topics.heads(source);
+
+        // A connection of its own: data_version reports commits by *other* connections.
+        let dv_conn = Connection::open_with_flags(
+            self.db.path(),
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(DbError::from)?;
+        let dv_conn = Arc::new(Mutex::new(dv_conn));
+        let inserted = self.db.writer().outbox_inserted();
+        let (side_tx, mut side_rx) = mpsc::channel::<Side>(64);
+
+        let mut st = State {
+            correlator: Correlator::default(),
+            acked: Vec::new(),
+            sent: HashSet::new(),
+            cursor: 0,
+            maybe_more: true,
+            wake_gen: 0,
+            connected: false,
+            last_data_version: None,
+            last_replay: HashMap::new(),
+        };
+        let mut fetch: Option<BoxFuture<FetchResult>> = None;
+        let mut mark: Option<BoxFuture<MarkResult>> = None;
+        let mut mark_retry_at: Option<Instant> = None;
+        let mut poll_tick = interval(Config::ms(cfg.relay_poll_interval_ms));
+        let mut heads_tick = interval(Config::ms(cfg.relay_heads_interval_ms));
+        let mut retention_tick = interval(Config::ms(cfg.retention_interval_ms));
+        for t in [&mut poll_tick, &mut heads_tick, &mut retention_tick] {
+            t.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        }
+        let mut backoff = Backoff::new(
+            Config::ms(cfg.reconnect_backoff_min_ms),
+            Config::ms(cfg.reconnect_backoff_max_ms),
+        );
+        let mut conn_log = LogLimiter::new(Duration::from_secs(60));
+        let mut db_log = LogLimiter::new(Duration::from_secs(60));
+        let mut drain_deadline: Option<Instant> = None;
+
+        loop {
+            if drain_deadline.is_none()
+                && st.connected
+                && fetch.is_none()
+                && st.maybe_more
+                && st.correlator.len() < window
+            {
+                let limit = cfg.relay_batch_max.min(window - st.correlator.len());
+                let (after, wake_gen, db) = (st.cursor, st.wake_gen, self.db.clone());
+                fetch = Some(Box::pin(async move {
+                    let rows = db
+                        .read(move |c| outbox::fetch_pending(c, after, limit))
+                        .await;
+                    (wake_gen, limit, rows)
+                }));
+            }
+            if mark.is_none() && !st.acked.is_empty() && mark_retry_at.is_none() {
+                let ids = std::mem::take(&mut st.acked);
+                let (writer, batch) = (self.db.writer().clone(), ids.clone());
+                mark = Some(Box::pin(async move {
+                    let result = writer
+                        .write(move |tx| outbox::mark_published(tx, &batch))
+                        .await;
+                    (ids, result)
+                }));
+            }
+            if let Some(deadline) = drain_deadline {
+                if st.correlator.is_empty() && st.acked.is_empty() && mark.is_none() {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    tracing::warn!(
+                        unacknowledged = st.correlator.len(),
+                        unmarked = st.acked.len(),
+                        "relay shutdown timeout: leaving these rows pending, they will be published again"
+                    );
+                    break;
+                }
+            }
+
+            tokio::select! {
+                _ = cancel.cancelled(), if drain_deadline.is_none() => {
+                    tracing::info!(in_flight = st.correlator.len(), "relay stopping");
+                    drain_deadline = Some(Instant::now() + Config::ms(cfg.shutdown_timeout_ms));
+                }
+                _ = sleep_until(drain_deadline.unwrap_or_else(Instant::now)), if drain_deadline.is_some() => {}
+                event = eventloop.poll() => match event {
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                        tracing::info!(session_present = ack.session_present, "relay connected to broker");
+                        st.connected = true;
+                        self.status.connected.store(true, Ordering::Relaxed);
+                        backoff.reset();
+                        conn_log.reset();
+                        st.rewind();
+                        heads_tick.reset_immediately();
+                        let subs = [replay_topic.clone(), positions_filter.clone()]
+                            .map(|t| rumqttc::SubscribeFilter::new(t, QoS::AtLeastOnce));
+                        if let Err(e) = client.try_subscribe_many(subs) {
+                            tracing::warn!(error = %e, "relay could not subscribe to replay requests");
+                        }
+                    }
+                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => st.correlator.on_outgoing_publish(pkid),
+                    Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                        if let Some(Some(row)) = st.correlator.on_puback(ack.pkid) {
+                            st.acked.push(row);
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        if p.topic == replay_topic {
+                            self.on_replay_request(&p.payload, &mut st, &side_tx);
+                        } else if let Some(consumer) = p.topic.strip_prefix(positions_prefix.as_str()) {
+                            self.on_position_report(consumer, &p.payload, &side_tx);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let was_connected = st.connected;
+                        st.connection_lost();
+                        self.status.connected.store(false, Ordering::Relaxed);
+                        if let Some(suppressed) = conn_log.allow() {
+                            tracing::warn!(error = %e, was_connected, suppressed, "relay: broker connection failed; rows stay pending and are re-published after reconnecting");
+                        }
+                        let delay = backoff.next_delay();
+                        tokio::select! {
+                            _ = sleep(delay) => {}
+                            _ = cancel.cancelled() => {
+                                if drain_deadline.is_none() {
+                                    drain_deadline = Some(Instant::now() + Config::ms(cfg.shutdown_timeout_ms));
+                                }
+                            }
+                        }
+                    }
+                },
+                (wake_gen, limit, rows) = maybe(&mut fetch) => {
+                    fetch = None;
+                    match rows {
+                        Ok(rows) => {
+                            db_log.reset();
+                            let fetched = rows.len();
+                            if !self.publish_rows(rows, &client, &mut st) {
+                                st.maybe_more = true;
+                            } else if fetched < limit && wake_gen == st.wake_gen {
+                                st.maybe_more = false;
+                            }
+                        }
+                        Err(e) => {
+                            if let Some(suppressed) = db_log.allow() {
+                                tracing::error!(error = %e, suppressed, "relay cannot read the outbox");
+                            }
+                            sleep(MARK_RETRY_DELAY).await;
+                        }
+                    }
+                }
+                (ids, result) = maybe(&mut mark) => {
+                    mark = None;
+                    match result {
+                        Ok(_) => {
+                            for id in &ids {
+                                st.sent.remove(id);
+                            }
+                            self.status.marked_published.fetch_add(ids.len() as u64, Ordering::Relaxed);
+                            tracing::debug!(rows = ids.len(), "marked published after PUBACK");
+                        }
+                        Err(e) => {
+                            if let Some(suppressed) = db_log.allow() {
+                                tracing::error!(error = %e, rows = ids.len(), suppressed, "relay cannot mark rows published; retrying (they may be published twice)");
+                            }
+                            st.acked.extend(ids);
+                            mark_retry_at = Some(Instant::now() + MARK_RETRY_DELAY);
+                        }
+                    }
+                }
+                _ = sleep_until(mark_retry_at.unwrap_or_else(Instant::now)), if mark_retry_at.is_some() => {
+                    mark_retry_at = None;
+                }
+                _ = inserted.notified() => st.wake(),
+                _ = poll_tick.tick() => {
+                    let (conn, tx) = (dv_conn.clone(), side_tx.clone());
+                    tokio::task::spawn_blocking(move || {
+                        let v = conn
+                            .lock()
+                            .map_err(|_| DbError::Join("data_version connection poisoned".into()))
+                            .and_then(|c| Ok(c.query_row("PRAGMA data_version", [], |r| r.get(0))?));
+                        let _ = tx.blocking_send(Side::DataVersion(v));
+                    });
+                }
+                _ = heads_tick.tick(), if st.connected && drain_deadline.is_none() => {
+                    let tx = side_tx.clone();
+                    let db = self.db.clone();
+                    tokio::spawn(async move {
+                        let _ = tx.send(Side::Heads(db.read(outbox::heads).await)).await;
+                    });
+                }
+                _ = retention_tick.tick(), if drain_deadline.is_none() => {
+                    let (tx, writer) = (side_tx.clone(), self.db.writer().clone());
+                    let (keep_ms, expiry_ms) = (cfg.retention_ms, cfg.consumer_expiry_ms);
+                    tokio::spawn(async move {
+                        let result = prune_all(&writer, keep_ms, expiry_ms).await;
+                        let _ = tx.send(Side::Pruned(result)).await;
+                    });
+                }
+                Some(side) = side_rx.recv() => match side {
+                    Side::DataVersion(Ok(v)) => {
+                        if st.last_data_version.is_some_and(|old| old != v) {
+                            st.wake();
+                        }
+                        st.last_data_version = Some(v);
+                    }
+                    Side::Heads(Ok(streams)) => {
+                        if st.connected && !streams.is_empty() {
+                            let msg = HeadAnnouncement { source: source.to_owned(), streams };
+                            let payload = serde_json::to_vec(&msg).expect("head announcements serialise");
+                            st.correlator.queued(None);
+                            if client.try_publish(heads_topic.clone(), QoS::AtLeastOnce, true, payload).is_err() {
+                                st.correlator.unqueue_last();
+                            }
+                        }
+                    }
+                    Side::Replayed { stream, from_seq, result: Ok(rows) } => {
+                        tracing::info!(stream = %stream, from_seq, rows, "replay: rows set back to pending");
+                        if rows > 0 {
+                            st.rewind();
+                        }
+                    }
+                    Side::Pruned(Ok(rows)) => {
+                        if rows > 0 {
+                            tracing::info!(rows, "retention deleted old published outbox rows");
+                        }
+                    }
+                    Side::Recorded(Ok(())) => {}
+                    Side::DataVersion(Err(e)) | Side::Heads(Err(e)) | Side::Replayed { result: Err(e), .. }
+                    | Side::Pruned(Err(e)) | Side::Recorded(Err(e)) => {
+                        if let Some(suppressed) = db_log.allow() {
+                            tracing::error!(error = %e, suppressed, "relay database task failed");
+                        }
+                    }
+                },
+            }
+        }
+
+        self.status.connected.store(false, Ordering::Relaxed);
+        if st.connected {
+            let _ = client.try_disconnect();
+            let _ = tokio::time::timeout(DISCONNECT_TIMEOUT, async {
+                while let Ok(event) = eventloop.poll().await {
+                    if matches!(event, Event::Outgoing(Outgoing::Disconnect)) {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
+        tracing::info!("relay stopped");
+        Ok(())
+    }
+
+    /// Hands fetched rows to rumqttc. Returns false if rumqttc refused one (its queue
+    /// is full or closed): the rest stay pending and are fetched again.
+    fn publish_rows(&self, rows: Vec<PendingRow>, client: &AsyncClient, st: &mut State) -> bool {
+        for row in rows {
+            if st.sent.contains(&row.id) {
+                st.cursor = st.cursor.max(row.id);
+                continue;
+            }
+            st.correlator.queued(Some(row.id));
+            if let Err(e) = client.try_publish(row.topic, QoS::AtLeastOnce, false, row.payload) {
+                st.correlator.unqueue_last();
+                tracing::debug!(error = %e, "relay: MQTT request queue full; will retry");
+                return false;
+            }
+            tracing::debug!(event_id = %row.event_id, stream = %row.stream, seq = row.seq, "publishing");
+            st.sent.insert(row.id);
+            st.cursor = st.cursor.max(row.id);
+        }
+        true
+    }
+
+    fn on_replay_request(&self, payload: &[u8], st: &mut State, side: &mpsc::Sender<Side>) {
+        let req: ReplayRequest = match protocol::parse_control(payload) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "ignoring malformed replay request");
+                return;
+            }
+        };
+        if let Err(e) = protocol::validate_name(&req.stream) {
+            tracing::warn!(error = %e, consumer = %req.consumer.escape_debug(), "ignoring replay request for an invalid stream");
+            return;
+        }
+        let now = Instant::now();
+        if st
+            .last_replay
+            .get(&req.stream)
+            .is_some_and(|t| now.duration_since(*t) < REPLAY_MIN_INTERVAL)
+        {
+            tracing::debug!(stream = %req.stream, "replay request for a stream replayed moments ago; ignored");
+            return;
+        }
+        if st.last_replay.len() >= REPLAY_MEMORY_MAX {
+            st.last_replay.clear();
+        }
+        st.last_replay.insert(req.stream.clone(), now);
+        tracing::info!(consumer = %req.consumer.escape_debug(), stream = %req.stream, from_seq = req.from_seq, "replay requested");
+        let (writer, tx) = (self.db.writer().clone(), side.clone());
+        tokio::spawn(async move {
+            let (stream, from_seq) = (req.stream, req.from_seq.max(1));
+            let s = stream.clone();
+            let result = writer
+                .write(move |t| outbox::reset_for_replay(t, &s, from_seq))
+                .await;
+            let _ = tx
+                .send(Side::Replayed {
+                    stream,
+                    from_seq,
+                    result,
+                })
+                .await;
+        });
+    }
+
+    fn on_position_report(&self, consumer: &str, payload: &[u8], side: &mpsc::Sender<Side>) {
+        let report: PositionReport = match protocol::parse_control(payload) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "ignoring malformed position report");
+                return;
+            }
+        };
+        if report.consumer != consumer || report.positions.len() > REPORT_STREAMS_MAX {
+            tracing::warn!(topic_consumer = %consumer.escape_debug(), "ignoring position report: consumer does not match its topic, or too many streams");
+            return;
+        }
+        let (writer, tx) = (self.db.writer().clone(), side.clone());
+        tokio::spawn(async move {
+            let result = writer
+                .write(move |t| {
+                    for (stream, position) in &report.positions {
+                        if protocol::validate_name(stream).is_ok() {
+                            outbox::record_position(t, &report.consumer, stream, *position)?;
+                        }
+                    }
+                    Ok(())
+                })
+                .await;
+            let _ = tx.send(Side::Recorded(result)).await;
+        });
+    }
+}
+
+/// Retention, in batches of [`PRUNE_BATCH_ROWS`] so that it never holds the writer
+/// for long. Returns how many rows it deleted.
+async fn prune_all(
+    writer: &crate::writer::Writer,
+    retention_ms: u64,
+    expiry_ms: u64,
+) -> Result<usize, DbError> {
+    let mut total = 0;
+    loop {
+        let n = writer
+            .write(move |t| outbox::prune(t, retention_ms, expiry_ms, PRUNE_BATCH_ROWS))
+            .await?;
+        total += n;
+        if n < PRUNE_BATCH_ROWS {
+            return Ok(total);
+        }
+    }
+}

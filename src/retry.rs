@@ -1,0 +1,108 @@
+//! Capped exponential backoff with jitter, and a log limiter, for every loop that can
+//! fail repeatedly (reconnecting to the broker, retrying a busy database).
+
+use std::time::{Duration, Instant};
+
+/// Waits that double from `min` up to `max`, each drawn at random from its upper half
+/// so that many clients restarted together do not retry in lockstep.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    /// `min` must not exceed `max`.
+    pub fn new(min: Duration, max: Duration) -> Backoff {
+        debug_assert!(min <= max);
+        Backoff {
+            min,
+            max,
+            next: min,
+        }
+    }
+
+    /// The wait before the next attempt.
+    pub fn next_delay(&mut self) -> Duration {
+        let ceiling = self.next;
+        self.next = (self.next * 2).min(self.max);
+        let half = ceiling / 2;
+        half + half.mul_f64(fastrand::f64())
+    }
+
+    /// Back to the shortest wait, after a success.
+    pub fn reset(&mut self) {
+        self.next = self.min;
+    }
+}
+
+/// Lets a repeated warning through at most once per `every`, counting what it held back.
+#[derive(Debug)]
+pub struct LogLimiter {
+    every: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl LogLimiter {
+    pub fn new(every: Duration) -> LogLimiter {
+        LogLimiter {
+            every,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(n)` when this occurrence should be logged, `n` being how many were held
+    /// back since the last one logged; `None` to stay quiet.
+    pub fn allow(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < self.every)
+        {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
+
+    /// Forget the history (after a recovery), so the next failure is logged at once.
+    pub fn reset(&mut self) {
+        self.last = None;
+        self.suppressed = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_and_stays_in_the_upper_half() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(800));
+        let ceilings = [100, 200, 400, 800, 800, 800];
+        for c in ceilings {
+            let d = b.next_delay();
+            assert!(
+                d >= Duration::from_millis(c / 2) && d <= Duration::from_millis(c),
+                "{d:?} not in [{}, {c}] ms",
+                c / 2
+            );
+        }
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn log_limiter_counts_what_it_suppresses() {
+        let mut l = LogLimiter::new(Duration::from_secs(3600));
+        assert_eq!(l.allow(), Some(0));
+        assert_eq!(l.allow(), None);
+        assert_eq!(l.allow(), None);
+        l.reset();
+        assert_eq!(l.allow(), Some(0));
+    }
+}
