@@ -197,7 +197,9 @@ impl Consumer {
         }
         let (received_tx, mut received) = mpsc::channel(RECEIVE_QUEUE_MAX);
         let poller_stop = CancellationToken::new();
-        let poller = tokio::spawn(poll(
+        // Aborted when this future is dropped, so that a consumer killed mid-batch
+        // (its task aborted) also drops its connection, as a killed process would.
+        let mut poller = AbortOnDrop(tokio::spawn(poll(
             eventloop,
             client.clone(),
             filters,
@@ -208,7 +210,7 @@ impl Consumer {
                 Config::ms(cfg.reconnect_backoff_max_ms),
             ),
             self.status.clone(),
-        ));
+        )));
 
         let mut p = Processor {
             consumer: &self,
@@ -270,12 +272,21 @@ impl Consumer {
             // Give the poller a moment to send the acks and the DISCONNECT.
             sleep(Duration::from_millis(100)).await;
             poller_stop.cancel();
-            let _ = poller.await;
+            let _ = (&mut poller.0).await;
         })
         .await;
         self.status.connected.store(false, Ordering::Relaxed);
         tracing::info!("consumer stopped");
         Ok(())
+    }
+}
+
+/// Aborts the task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -1,0 +1,310 @@
+//! End-to-end delivery through a real Mosquitto: the outbox, the relay, the consumer.
+//! Each test names the behaviour it proves.
+#![allow(clippy::result_large_err)]
+
+mod support;
+
+use std::time::Duration;
+
+use edge_outbox::outbox::OutboxError;
+use edge_outbox::NewEvent;
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolled_back_transaction_publishes_nothing_and_leaves_no_sequence_gap() {
+    let broker = Broker::start();
+    let p = Pair::new(&broker.url(), |c| c);
+
+    // A business write that fails after its event was enqueued.
+    let o = p.outbox.clone();
+    let failed: Result<(), OutboxError> = p
+        .producer
+        .writer()
+        .write(move |tx| {
+            tx.execute("INSERT INTO items (name) VALUES ('doomed')", [])?;
+            let data = serde_json::json!({"id": 999});
+            o.enqueue(
+                tx,
+                NewEvent {
+                    stream: STREAM,
+                    event_type: "item.created",
+                    subject: None,
+                    data: &data,
+                },
+            )?;
+            Err(OutboxError::InvalidEvent(
+                "business rule failed after enqueue".into(),
+            ))
+        })
+        .await;
+    assert!(failed.is_err());
+    assert_eq!(count(&p.producer_path(), "SELECT COUNT(*) FROM outbox"), 0);
+    assert_eq!(count(&p.producer_path(), "SELECT COUNT(*) FROM items"), 0);
+
+    let relay = p.spawn_relay();
+    let (consumer, status) = p.spawn_consumer();
+    create_items(&p.producer, &p.outbox, "kept", 1).await;
+    wait_for("the committed event to be applied", 20, || {
+        status.applied() == 1
+    })
+    .await;
+    // Give a phantom event every chance to show up.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let effects = effects(&p.consumer_path());
+    assert_eq!(
+        effects.len(),
+        1,
+        "only the committed event arrives: {effects:?}"
+    );
+    assert_eq!(
+        effects[0].2, 1,
+        "the committed event got sequence 1: the rolled-back one left no gap"
+    );
+    assert_eq!(status.dead_lettered(), 0);
+    relay.stop().await;
+    consumer.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_down_at_start_writes_succeed_then_everything_arrives_in_order() {
+    let mut broker = Broker::reserve("");
+    let p = Pair::new(&broker.url(), |c| c);
+    let relay = p.spawn_relay();
+    let (consumer, status) = p.spawn_consumer();
+
+    create_items(&p.producer, &p.outbox, "offline", 300).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        p.pending(),
+        300,
+        "rows stay pending while the broker is down"
+    );
+
+    broker.launch();
+    wait_for("all 300 events applied", 30, || status.applied() == 300).await;
+    p.wait_all_published().await;
+    assert_exactly_once_in_order(&p.consumer_path(), 300);
+    relay.stop().await;
+    consumer.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_killed_between_puback_and_marking_delivers_again_and_the_consumer_applies_once() {
+    let broker = Broker::start();
+    let p = Pair::new(&broker.url(), |c| edge_outbox::Config {
+        db_busy_timeout_ms: 300,
+        ..c
+    });
+    let (consumer, status) = p.spawn_consumer();
+    create_items(&p.producer, &p.outbox, "x", 50).await;
+
+    // Another process holds the write lock: the relay can publish (reads still work)
+    // and receive PUBACKs, but cannot mark anything published.
+    let locker = inspect(&p.producer_path());
+    locker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let relay = p.spawn_relay();
+    wait_for(
+        "the consumer to receive all 50 (so the broker PUBACKed them)",
+        20,
+        || status.applied() == 50,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(400)).await; // the mark attempt times out on the lock
+    relay.kill().await;
+    locker.execute_batch("ROLLBACK").unwrap();
+    assert_eq!(
+        p.pending(),
+        50,
+        "the killed relay marked nothing: every row is still pending"
+    );
+
+    let relay = p.spawn_relay();
+    p.wait_all_published().await;
+    wait_for("the consumer to see the redelivered duplicates", 20, || {
+        status.duplicates() >= 50
+    })
+    .await;
+    assert_exactly_once_in_order(&p.consumer_path(), 50);
+    relay.stop().await;
+    consumer.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_sigkilled_after_acknowledging_undelivered_events_loses_nothing() {
+    let mut broker = Broker::start();
+    let p = Pair::new(&broker.url(), |c| c);
+    p.subscribe_then_go_offline().await;
+    let relay = p.spawn_relay();
+    create_items(&p.producer, &p.outbox, "y", 200).await;
+    p.wait_all_published().await;
+
+    broker.kill(); // loses the 200 queued messages and the consumer's session
+    broker.launch();
+    let (consumer, status) = p.spawn_consumer();
+    wait_for(
+        "all 200 applied after replay, with no operator action",
+        30,
+        || status.applied() == 200,
+    )
+    .await;
+    assert!(
+        status.replays_requested() >= 1,
+        "recovery went through a replay request"
+    );
+    assert_exactly_once_in_order(&p.consumer_path(), 200);
+    relay.stop().await;
+    consumer.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_tail_of_a_stream_is_detected_from_head_announcements_and_recovered() {
+    // The broker keeps at most 5 messages for an offline consumer and silently drops
+    // the rest after PUBACKing them: the consumer gets 1..5 and nothing later reveals
+    // the gap. Only the producer's head announcement can.
+    let broker = Broker::start_with("max_queued_messages 5");
+    let p = Pair::new(&broker.url(), |c| c);
+    p.subscribe_then_go_offline().await;
+    let relay = p.spawn_relay();
+    create_items(&p.producer, &p.outbox, "z", 40).await;
+    p.wait_all_published().await;
+
+    let (consumer, status) = p.spawn_consumer();
+    wait_for("all 40 applied", 30, || status.applied() == 40).await;
+    assert!(
+        status.replays_requested() >= 1,
+        "the lost tail was recovered by a replay"
+    );
+    assert_exactly_once_in_order(&p.consumer_path(), 40);
+    relay.stop().await;
+    consumer.stop().await;
+}
+
+/// Shared by the two "consumer killed mid-batch" tests: the consumer's batch is stuck
+/// waiting for the database lock when the consumer is killed; `lock_ms` decides whether
+/// that batch then commits (lock released within the busy timeout) or fails.
+async fn consumer_killed_mid_batch(lock_ms: u64) {
+    let broker = Broker::start();
+    let p = Pair::new(&broker.url(), |c| edge_outbox::Config {
+        db_busy_timeout_ms: 500,
+        ..c
+    });
+    let (consumer, status) = p.spawn_consumer();
+    wait_for("consumer connected", 10, || status.connected()).await;
+
+    let locker = inspect(&p.consumer_path());
+    locker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let relay = p.spawn_relay();
+    create_items(&p.producer, &p.outbox, "k", 60).await;
+    tokio::time::sleep(Duration::from_millis(200)).await; // a batch is now waiting for the lock
+    consumer.kill().await;
+    tokio::time::sleep(Duration::from_millis(lock_ms)).await;
+    locker.execute_batch("ROLLBACK").unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await; // the orphaned batch finishes
+    let committed_while_dead = effects(&p.consumer_path()).len();
+    if lock_ms < 500 {
+        assert!(
+            committed_while_dead > 0,
+            "the batch committed after its consumer died, without an ack"
+        );
+    } else {
+        assert_eq!(
+            committed_while_dead, 0,
+            "the batch failed on the lock: nothing was committed"
+        );
+    }
+
+    let (consumer, status) = p.spawn_consumer();
+    let path = p.consumer_path();
+    wait_for("all 60 items applied", 30, || effects(&path).len() == 60).await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // let redeliveries land
+    assert_exactly_once_in_order(&path, 60);
+    assert_eq!(status.dead_lettered(), 0);
+    if lock_ms < 500 {
+        assert!(
+            status.duplicates() > 0,
+            "the broker redelivered the committed but unacknowledged events"
+        );
+    }
+    relay.stop().await;
+    consumer.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_killed_mid_batch_after_commit_before_ack_applies_nothing_twice() {
+    consumer_killed_mid_batch(100).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_killed_mid_batch_before_commit_loses_nothing() {
+    consumer_killed_mid_batch(1_500).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_message_is_dead_lettered_and_the_next_valid_event_is_applied() {
+    let broker = Broker::start();
+    let p = Pair::new(&broker.url(), |c| c);
+    let (consumer, status) = p.spawn_consumer();
+    wait_for("consumer connected", 10, || status.connected()).await;
+    tokio::time::sleep(Duration::from_millis(100)).await; // the SUBACK
+
+    let topic = format!("{}/events/producer/{STREAM}", p.cfg.topic_prefix);
+    let garbage: &[u8] = b"\x00\xffnot json at all";
+    broker.publish_raw(&topic, garbage);
+    broker.publish_raw(&topic, br#"{"specversion":"1.0","id":"x"}"#);
+    wait_for("both bad messages dead-lettered", 10, || {
+        status.dead_lettered() == 2
+    })
+    .await;
+
+    let relay = p.spawn_relay();
+    create_items(&p.producer, &p.outbox, "ok", 3).await;
+    wait_for("the valid events applied", 20, || status.applied() == 3).await;
+    assert_exactly_once_in_order(&p.consumer_path(), 3);
+
+    let c = inspect(&p.consumer_path());
+    let letter = |offset: i64| -> (String, Vec<u8>, String) {
+        c.query_row(
+            "SELECT topic, payload, reason FROM dead_letters ORDER BY id LIMIT 1 OFFSET ?1",
+            [offset],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap()
+    };
+    let (t, payload, reason) = letter(0);
+    assert_eq!(t, topic);
+    assert_eq!(payload, garbage, "the raw bytes are kept");
+    assert!(reason.contains("not JSON"), "{reason}");
+    let (_, _, reason) = letter(1);
+    assert!(reason.contains("not a CloudEvent"), "{reason}");
+    relay.stop().await;
+    consumer.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_event_is_refused_at_enqueue_together_with_its_business_write() {
+    let p = Pair::new("mqtt://127.0.0.1:1", |c| edge_outbox::Config {
+        payload_max_bytes: 4096,
+        ..c
+    });
+    let err = create_item(&p.producer, &p.outbox, "x".repeat(5000))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, OutboxError::PayloadTooLarge { max: 4096, .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("--payload-max-bytes"),
+        "the error names the setting: {err}"
+    );
+    assert_eq!(
+        count(&p.producer_path(), "SELECT COUNT(*) FROM items"),
+        0,
+        "the business write was refused too"
+    );
+    assert_eq!(count(&p.producer_path(), "SELECT COUNT(*) FROM outbox"), 0);
+    let seq = create_item(&p.producer, &p.outbox, "small".into())
+        .await
+        .unwrap();
+    assert_eq!(seq, 1, "the refused event took no sequence number");
+}
