@@ -308,3 +308,77 @@ async fn oversize_event_is_refused_at_enqueue_together_with_its_business_write()
         .unwrap();
     assert_eq!(seq, 1, "the refused event took no sequence number");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_made_by_another_process_are_noticed_through_data_version() {
+    let broker = Broker::start();
+    let p = Pair::new(&broker.url(), |c| c);
+    let relay = p.spawn_relay();
+    let (consumer, status) = p.spawn_consumer();
+    wait_for("consumer connected", 10, || status.connected()).await;
+
+    // Another writer of the same file (as another process would be): no in-process
+    // signal reaches the relay.
+    let mut other = inspect(&p.producer_path());
+    let tx = other
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .unwrap();
+    tx.execute(
+        "INSERT INTO items (id, name) VALUES (1, 'from elsewhere')",
+        [],
+    )
+    .unwrap();
+    let data = serde_json::json!({"id": 1});
+    p.outbox
+        .enqueue(
+            &tx,
+            NewEvent {
+                stream: STREAM,
+                event_type: "item.created",
+                subject: None,
+                data: &data,
+            },
+        )
+        .unwrap();
+    tx.commit().unwrap();
+
+    wait_for(
+        "the relay to notice the foreign commit and the event to be applied",
+        10,
+        || status.applied() == 1,
+    )
+    .await;
+    assert_exactly_once_in_order(&p.consumer_path(), 1);
+    relay.stop().await;
+    consumer.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_retries_while_its_database_is_busy_and_then_applies_everything_once() {
+    let broker = Broker::start();
+    let p = Pair::new(&broker.url(), |c| edge_outbox::Config {
+        db_busy_timeout_ms: 200,
+        ..c
+    });
+    let (consumer, status) = p.spawn_consumer();
+    wait_for("consumer connected", 10, || status.connected()).await;
+    let locker = inspect(&p.consumer_path());
+    locker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let relay = p.spawn_relay();
+    create_items(&p.producer, &p.outbox, "busy", 30).await;
+    tokio::time::sleep(Duration::from_millis(1_000)).await; // several attempts fail on the lock
+    assert_eq!(status.applied(), 0);
+    locker.execute_batch("ROLLBACK").unwrap();
+    wait_for("all 30 applied after the lock is gone", 20, || {
+        status.applied() == 30
+    })
+    .await;
+    assert_exactly_once_in_order(&p.consumer_path(), 30);
+    assert_eq!(
+        status.dead_lettered(),
+        0,
+        "busy is transient: nothing dead-lettered"
+    );
+    relay.stop().await;
+    consumer.stop().await;
+}
