@@ -162,7 +162,7 @@ pub const CORE_SCHEMA: Schema = Schema {
     migrations: &[Migration {
         version: 1,
         name: "0001_outbox_inbox.sql",
-        sql: include_str!("../schema/0001_outbox_inbox.sql"),
+        sql: include_str!("../schema/core/0001_outbox_inbox.sql"),
     }],
 };
 

@@ -37,6 +37,9 @@ pub mod outbox;
 pub mod protocol;
 pub mod relay;
 pub mod retry;
+pub mod service;
+pub mod transaction_service;
+pub mod user_service;
 pub mod writer;
 
 pub use config::Config;

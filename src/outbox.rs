@@ -336,3 +336,69 @@ pub fn last_seq(conn: &Connection, stream: &str) -> Result<Option<u64>, DbError>
         .optional()?
         .map(|v| v as u64))
 }
+
+/// One outbox row as status pages show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub event_id: String,
+    pub stream: String,
+    pub seq: u64,
+    pub event_type: String,
+    pub topic: String,
+    /// "pending" or "published".
+    pub status: &'static str,
+    pub created_at_ms: i64,
+    pub published_at_ms: Option<i64>,
+    /// The envelope as published.
+    pub event: serde_json::Value,
+}
+
+/// Which rows [`list`] returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowFilter {
+    All,
+    Pending,
+    Published,
+}
+
+/// Up to `limit` rows with `id > after`, in id order.
+pub fn list(
+    conn: &Connection,
+    filter: RowFilter,
+    after: i64,
+    limit: u32,
+) -> Result<Vec<OutboxRow>, DbError> {
+    let condition = match filter {
+        RowFilter::All => "1",
+        RowFilter::Pending => "published_at_ms IS NULL",
+        RowFilter::Published => "published_at_ms IS NOT NULL",
+    };
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT id, event_id, stream, seq, event_type, topic, created_at_ms, published_at_ms, payload
+         FROM outbox WHERE {condition} AND id > ?1 ORDER BY id LIMIT ?2"
+    ))?;
+    let rows = stmt
+        .query_map(params![after, limit], |r| {
+            let published_at_ms: Option<i64> = r.get(7)?;
+            let payload: Vec<u8> = r.get(8)?;
+            Ok(OutboxRow {
+                id: r.get(0)?,
+                event_id: r.get(1)?,
+                stream: r.get(2)?,
+                seq: r.get::<_, i64>(3)? as u64,
+                event_type: r.get(4)?,
+                topic: r.get(5)?,
+                status: if published_at_ms.is_some() {
+                    "published"
+                } else {
+                    "pending"
+                },
+                created_at_ms: r.get(6)?,
+                published_at_ms,
+                event: serde_json::from_slice(&payload).unwrap_or(serde_json::Value::Null),
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}

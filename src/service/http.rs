@@ -1,0 +1,300 @@
+//! HTTP plumbing shared by the services: one error type that renders as
+//! `{"error": code, "message": ..., "field": ...}`, and extractors whose rejections
+//! use it.
+//!
+//! Bad input is a 4xx and is not logged; an internal error is a generic 500 and is
+//! logged once, here.
+
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::db::DbError;
+use crate::outbox::OutboxError;
+
+/// An error answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    /// Stable, machine-readable: `malformed_json`, `invalid_field`, `not_found`, ...
+    pub code: &'static str,
+    pub message: String,
+    /// The request field at fault, when there is one.
+    pub field: Option<String>,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<&'a str>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            field: None,
+        }
+    }
+
+    /// 422 `invalid_field` naming `field`.
+    pub fn invalid(field: &str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            field: Some(field.to_owned()),
+            ..ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", message)
+        }
+    }
+
+    /// 404 `not_found`.
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    /// 500 with a generic message; the cause is logged, not sent.
+    pub fn internal(cause: impl std::fmt::Display) -> ApiError {
+        tracing::error!(error = %cause, "internal error");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; see the service log",
+        )
+    }
+
+    pub fn with_field(mut self, field: &str) -> ApiError {
+        self.field = Some(field.to_owned());
+        self
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: self.code,
+            message: &self.message,
+            field: self.field.as_deref(),
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<DbError> for ApiError {
+    fn from(e: DbError) -> ApiError {
+        if e.is_disk_full() {
+            tracing::error!(error = %e, "write refused: the disk is full");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage_full",
+                "the disk is full; nothing was written, try again later",
+            )
+        } else if e.is_retryable() {
+            tracing::warn!(error = %e, "write refused: database busy");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage_busy",
+                "the database is busy; nothing was written, try again",
+            )
+        } else {
+            ApiError::internal(e)
+        }
+    }
+}
+
+impl From<rusqlite::Error> for ApiError {
+    fn from(e: rusqlite::Error) -> ApiError {
+        DbError::from(e).into()
+    }
+}
+
+impl From<OutboxError> for ApiError {
+    fn from(e: OutboxError) -> ApiError {
+        match e {
+            OutboxError::Db(e) => e.into(),
+            OutboxError::PayloadTooLarge { .. } => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "event_too_large",
+                e.to_string(),
+            ),
+            other => ApiError::internal(other),
+        }
+    }
+}
+
+/// `Json<T>` whose rejections are [`ApiError`]s: 400 for malformed JSON, 422 for a
+/// body of the wrong shape (unknown or missing fields, wrong types), 413 above the
+/// body limit, 415 without `Content-Type: application/json`.
+pub struct AppJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for AppJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(AppJson(v)),
+            Err(JsonRejection::JsonDataError(e)) => {
+                let detail = serde_detail(&e.body_text());
+                let mut err = ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_field",
+                    detail.clone(),
+                );
+                err.field = field_of(&detail);
+                Err(err)
+            }
+            Err(JsonRejection::JsonSyntaxError(e)) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "malformed_json",
+                format!(
+                    "the body is not valid JSON: {}",
+                    serde_detail(&e.body_text())
+                ),
+            )),
+            Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send the body as JSON with Content-Type: application/json",
+            )),
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("the body exceeds {} bytes", BODY_MAX_BYTES),
+            )),
+            Err(e) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                e.body_text(),
+            )),
+        }
+    }
+}
+
+/// The largest request body accepted.
+pub const BODY_MAX_BYTES: usize = 64 * 1024;
+
+/// axum's serde messages start with a fixed preamble; keep what names the problem.
+fn serde_detail(text: &str) -> String {
+    let text = text
+        .trim_start_matches("Failed to deserialize the JSON body into the target type: ")
+        .trim_start_matches("Failed to parse the request body as JSON: ");
+    text.to_owned()
+}
+
+/// The field a serde message is about: "name: invalid type..." or "unknown field `x`"
+/// or "missing field `x`".
+fn field_of(detail: &str) -> Option<String> {
+    for marker in ["unknown field `", "missing field `"] {
+        if let Some(rest) = detail.split(marker).nth(1) {
+            return rest.split('`').next().map(str::to_owned);
+        }
+    }
+    let (head, _) = detail.split_once(": ")?;
+    (!head.contains(' ')).then(|| head.to_owned())
+}
+
+/// `Query<T>` with [`ApiError`] rejections (400 `invalid_query`).
+pub struct AppQuery<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for AppQuery<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| AppQuery(q.0))
+            .map_err(|e: QueryRejection| {
+                let detail = e
+                    .body_text()
+                    .trim_start_matches("Failed to deserialize query string: ")
+                    .to_owned();
+                let mut err =
+                    ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", detail.clone());
+                err.field = field_of(&detail);
+                err
+            })
+    }
+}
+
+/// `Path<T>` with [`ApiError`] rejections (400 `invalid_path`).
+pub struct AppPath<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for AppPath<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| AppPath(p.0))
+            .map_err(|e: PathRejection| {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_path", e.body_text())
+            })
+    }
+}
+
+/// The most rows one page returns.
+pub const PAGE_MAX: u32 = 500;
+
+/// Checks paging parameters: `limit` (default 50, 1 to [`PAGE_MAX`]) and `after` (an
+/// id to continue after; default 0, from the start).
+pub fn page(limit: Option<u32>, after: Option<i64>) -> Result<(u32, i64), ApiError> {
+    let limit = limit.unwrap_or(50);
+    if limit == 0 || limit > PAGE_MAX {
+        let e = ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            format!("limit must be 1 to {PAGE_MAX}"),
+        );
+        return Err(e.with_field("limit"));
+    }
+    let after = after.unwrap_or(0);
+    if after < 0 {
+        let e = ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            "after must not be negative",
+        );
+        return Err(e.with_field("after"));
+    }
+    Ok((limit, after))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serde_messages_name_their_field() {
+        assert_eq!(
+            field_of("unknown field `nmae`, expected `name` or `email`"),
+            Some("nmae".into())
+        );
+        assert_eq!(
+            field_of("missing field `email` at line 1 column 2"),
+            Some("email".into())
+        );
+        assert_eq!(
+            field_of("name: invalid type: integer `1`, expected a string"),
+            Some("name".into())
+        );
+        assert_eq!(field_of("invalid type: map, expected a string"), None);
+    }
+}

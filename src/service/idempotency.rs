@@ -1,0 +1,121 @@
+//! `Idempotency-Key`: a client that retries a POST with the same key gets the original
+//! response and nothing is written again; the same key with a different request is
+//! refused (422). The key and the response are stored in the same transaction as the
+//! request's domain write, so a key is recorded exactly when its write committed.
+//! Failed requests store nothing: fixing the request and retrying with the same key
+//! works.
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use rusqlite::{params, OptionalExtension, Transaction};
+use serde_json::Value;
+
+use super::http::ApiError;
+use crate::clock::now_ms;
+use crate::db::Database;
+
+/// The header's name.
+pub const HEADER: &str = "Idempotency-Key";
+/// Longest key accepted, in bytes.
+pub const KEY_MAX_BYTES: usize = 200;
+
+/// The optional `Idempotency-Key` header: 1-200 visible ASCII characters.
+pub struct IdempotencyKey(pub Option<String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let Some(value) = parts.headers.get(HEADER) else {
+            return Ok(IdempotencyKey(None));
+        };
+        let valid = value.to_str().ok().filter(|k| {
+            !k.is_empty() && k.len() <= KEY_MAX_BYTES && k.bytes().all(|b| b.is_ascii_graphic())
+        });
+        match valid {
+            Some(k) => Ok(IdempotencyKey(Some(k.to_owned()))),
+            None => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_header",
+                format!("{HEADER} must be 1 to {KEY_MAX_BYTES} visible ASCII characters"),
+            )
+            .with_field(HEADER)),
+        }
+    }
+}
+
+/// A JSON response: its status and body.
+pub type Answer = (StatusCode, Value);
+
+/// Runs `write` in one group-commit transaction unless `key` was already used for the
+/// same `request` (method, path, canonical body), in which case the stored answer is
+/// returned and nothing is written.
+pub async fn write_once<F>(
+    db: &Database,
+    key: Option<String>,
+    request: String,
+    write: F,
+) -> Result<Answer, ApiError>
+where
+    F: FnOnce(&Transaction) -> Result<Answer, ApiError> + Send + 'static,
+{
+    db.writer()
+        .write(move |tx| {
+            if let Some(key) = &key {
+                if let Some(stored) = lookup(tx, key, &request)? {
+                    return Ok(stored);
+                }
+            }
+            let (status, body) = write(tx)?;
+            if let Some(key) = &key {
+                tx.prepare_cached(
+                    "INSERT INTO idempotency_keys (key, request, status, response, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?
+                .execute(params![key, request, status.as_u16(), body.to_string(), now_ms()])?;
+            }
+            Ok((status, body))
+        })
+        .await
+}
+
+fn lookup(tx: &Transaction, key: &str, request: &str) -> Result<Option<Answer>, ApiError> {
+    let row: Option<(String, u16, String)> = tx
+        .prepare_cached("SELECT request, status, response FROM idempotency_keys WHERE key = ?1")?
+        .query_row([key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    let Some((stored_request, status, response)) = row else {
+        return Ok(None);
+    };
+    if stored_request != request {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency_key_reused",
+            format!("this {HEADER} was already used for a different request"),
+        )
+        .with_field(HEADER));
+    }
+    let status = StatusCode::from_u16(status).map_err(ApiError::internal)?;
+    let body = serde_json::from_str(&response).map_err(ApiError::internal)?;
+    Ok(Some((status, body)))
+}
+
+/// The request as compared for retries: method, path and the body re-serialised
+/// (serde_json sorts object keys, so key order and whitespace do not matter).
+pub fn fingerprint(method_path: &str, body: &impl serde::Serialize) -> String {
+    format!(
+        "{method_path} {}",
+        serde_json::to_value(body)
+            .map(|v| v.to_string())
+            .unwrap_or_default()
+    )
+}
+
+/// Deletes keys older than `retention_ms`; returns how many.
+pub fn prune(tx: &Transaction, retention_ms: u64) -> Result<usize, crate::db::DbError> {
+    let cutoff = now_ms().saturating_sub(retention_ms as i64);
+    Ok(tx.execute(
+        "DELETE FROM idempotency_keys WHERE created_at_ms < ?1",
+        [cutoff],
+    )?)
+}

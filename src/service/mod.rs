@@ -1,0 +1,257 @@
+//! What the two services share: their command line, their start-up and shutdown, the
+//! HTTP error type and extractors, idempotency keys and the status endpoints.
+//!
+//! A service is a [`Spec`]: its schema, its routes, the streams it consumes and the
+//! handlers that apply them. [`run`] opens the database, starts the relay, the
+//! consumer and the HTTP server, and stops all three on SIGINT or SIGTERM.
+
+pub mod http;
+pub mod idempotency;
+pub mod status;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::extract::DefaultBodyLimit;
+use axum::Router;
+use clap::{ArgMatches, CommandFactory, FromArgMatches};
+use tokio_util::sync::CancellationToken;
+
+use crate::consumer::ConsumerStatus;
+use crate::db::{Migration, Schema};
+use crate::relay::RelayStatus;
+use crate::{Config, Consumer, Database, DbOptions, Handlers, Outbox, Relay, StreamKey};
+
+/// Tables every HTTP service has (idempotency keys).
+pub const SERVICE_SCHEMA: Schema = Schema {
+    component: "service",
+    migrations: &[Migration {
+        version: 1,
+        name: "0001_idempotency.sql",
+        sql: include_str!("../../schema/service/0001_idempotency.sql"),
+    }],
+};
+
+/// Flags every service has. The defaults of `--db`, `--listen`, `--client-id` and
+/// `--source` differ per service; see [`parse_with_defaults`].
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServiceArgs {
+    /// SQLite database file; created, with its folder, when missing.
+    #[arg(long = "db", env = "DB_PATH")]
+    pub db_path: PathBuf,
+
+    /// HTTP address to listen on. Keep it on loopback unless a firewall or a reverse
+    /// proxy guards the port: the API has no authentication.
+    #[arg(long, env = "LISTEN_ADDR")]
+    pub listen: SocketAddr,
+
+    #[command(flatten)]
+    pub outbox: Config,
+}
+
+/// Parses the command line of `C`, first giving the named arguments the defaults of
+/// this binary (e.g. `("listen", "127.0.0.1:8081")`).
+pub fn parse_with_defaults<C: CommandFactory + FromArgMatches>(
+    defaults: &[(&str, &'static str)],
+) -> C {
+    let mut cmd = C::command();
+    for (id, value) in defaults {
+        cmd = cmd.mut_arg(*id, |a| a.required(false).default_value(*value));
+    }
+    let matches: ArgMatches = cmd.get_matches();
+    C::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
+/// State shared by the HTTP handlers of a service.
+#[derive(Clone)]
+pub struct AppState {
+    pub db: Database,
+    pub outbox: Outbox,
+    pub relay: Arc<RelayStatus>,
+    pub consumer: Arc<ConsumerStatus>,
+}
+
+/// One service: what differs between user-service and transaction-service.
+pub struct Spec {
+    /// For logs.
+    pub name: &'static str,
+    /// Its domain tables.
+    pub schema: Schema,
+    /// Its HTTP routes (the status routes are added to them).
+    pub routes: Router<AppState>,
+    /// The streams of other services it consumes, and how it applies their events.
+    pub consumes: Vec<StreamKey>,
+    pub handlers: Handlers,
+}
+
+/// The whole router of a service: its routes, the status routes, the body limit.
+pub fn app(routes: Router<AppState>, state: AppState) -> Router {
+    routes
+        .merge(status::routes())
+        .layer(DefaultBodyLimit::max(http::BODY_MAX_BYTES))
+        .with_state(state)
+}
+
+/// Opens the database of a service with every schema it needs.
+pub fn open_database(args: &ServiceArgs, schema: Schema) -> anyhow::Result<Database> {
+    let opts = DbOptions::from_config(&args.db_path, &args.outbox);
+    Database::open(&opts, &[SERVICE_SCHEMA, schema])
+        .with_context(|| format!("opening database {}", args.db_path.display()))
+}
+
+/// Sets up logging, runs the service until SIGINT or SIGTERM, and turns an error into
+/// a message and exit code 1.
+pub fn main(name: &'static str, args: ServiceArgs, spec: impl FnOnce() -> Spec) -> ExitCode {
+    init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{name}: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(shutdown_on_signal(shutdown.clone()));
+        run(spec(), args, shutdown).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs to stderr; `RUST_LOG` sets the level (default `info`).
+pub fn init_tracing() {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Cancels `shutdown` on the first SIGINT or SIGTERM; a second one exits at once.
+async fn shutdown_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop the service with SIGKILL");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("signal received: shutting down (send it again to exit at once)");
+    shutdown.cancel();
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::warn!("second signal: exiting now; anything not committed is retried after restart");
+    std::process::exit(130);
+}
+
+/// Runs a service until `shutdown` fires: the HTTP server stops accepting and
+/// finishes its requests, then the relay and consumer finish their in-flight work.
+pub async fn run(spec: Spec, args: ServiceArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let cfg = args.outbox.clone();
+    cfg.validate()?;
+    if !args.listen.ip().is_loopback() {
+        tracing::warn!(listen = %args.listen, "listening beyond loopback: the API has no authentication");
+    }
+    let db = open_database(&args, spec.schema)?;
+    let relay = Relay::new(db.clone(), cfg.clone())?;
+    let consumer = Consumer::new(db.clone(), cfg.clone(), spec.consumes, spec.handlers)?;
+    let state = AppState {
+        db: db.clone(),
+        outbox: Outbox::new(&cfg),
+        relay: relay.status(),
+        consumer: consumer.status(),
+    };
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
+    tracing::info!(
+        service = spec.name,
+        listen = %listener.local_addr()?,
+        db = %args.db_path.display(),
+        broker = %cfg.broker_url,
+        source = %cfg.source,
+        "ready"
+    );
+
+    let relay_task = tokio::spawn(relay.run(shutdown.child_token()));
+    let consumer_task = tokio::spawn(consumer.run(shutdown.child_token()));
+    let maintenance = tokio::spawn(prune_idempotency_keys(
+        db.clone(),
+        cfg.clone(),
+        shutdown.child_token(),
+    ));
+    let served = axum::serve(listener, app(spec.routes, state))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await;
+    shutdown.cancel();
+    let grace = Config::ms(cfg.shutdown_timeout_ms) + Duration::from_secs(1);
+    let (relay_result, consumer_result, _) = tokio::join!(
+        tokio::time::timeout(grace, relay_task),
+        tokio::time::timeout(grace, consumer_task),
+        maintenance
+    );
+    served.context("HTTP server failed")?;
+    for (what, r) in [
+        (
+            "relay",
+            relay_result.map(|j| j.map(|r| r.map_err(anyhow::Error::from))),
+        ),
+        (
+            "consumer",
+            consumer_result.map(|j| j.map(|r| r.map_err(anyhow::Error::from))),
+        ),
+    ] {
+        match r {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => return Err(e.context(what)),
+            Ok(Err(join)) => anyhow::bail!("{what} task failed: {join}"),
+            Err(_) => tracing::warn!("{what} did not stop within {grace:?}; exiting anyway (unfinished work is retried after restart)"),
+        }
+    }
+    tracing::info!(service = spec.name, "stopped");
+    Ok(())
+}
+
+/// Deletes idempotency keys older than `--retention-ms`, every `--retention-interval-ms`.
+async fn prune_idempotency_keys(db: Database, cfg: Config, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Config::ms(cfg.retention_interval_ms));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let keep = cfg.retention_ms;
+        match db
+            .writer()
+            .write(move |tx| idempotency::prune(tx, keep))
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(rows = n, "deleted expired idempotency keys"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not delete expired idempotency keys; will try again")
+            }
+        }
+    }
+}

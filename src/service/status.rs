@@ -1,0 +1,129 @@
+//! Endpoints every service has: `/healthz`, `/outbox` (what the outbox, the relay and
+//! the consumer are doing) and `/outbox/events` (the rows themselves, so that a person
+//! can watch an event go from pending to published).
+
+use std::collections::BTreeMap;
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::http::{page, ApiError, AppQuery};
+use super::AppState;
+use crate::outbox::{self, RowFilter};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/outbox", get(outbox_status))
+        .route("/outbox/events", get(outbox_events))
+}
+
+async fn healthz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    state
+        .db
+        .read(|c| Ok(c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?))
+        .await?;
+    Ok(Json(json!({ "status": "ok" })))
+}
+
+#[derive(Serialize)]
+struct StreamStatus {
+    /// Last sequence number enqueued.
+    last_seq: Option<u64>,
+    /// Every event up to here has been published (PUBACKed).
+    last_published_seq: u64,
+    /// Lowest sequence number still held for replays.
+    first_held_seq: u64,
+}
+
+async fn outbox_status(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let (stats, streams, dead_letters) = state
+        .db
+        .read(|c| {
+            let heads = outbox::heads(c)?;
+            let mut streams = BTreeMap::new();
+            for (name, head) in heads {
+                let last_seq = outbox::last_seq(c, &name)?;
+                streams.insert(
+                    name,
+                    StreamStatus {
+                        last_seq,
+                        last_published_seq: head.head,
+                        first_held_seq: head.first,
+                    },
+                );
+            }
+            let dead: i64 = c.query_row("SELECT COUNT(*) FROM dead_letters", [], |r| r.get(0))?;
+            Ok((outbox::stats(c)?, streams, dead))
+        })
+        .await?;
+    let consumer = &state.consumer;
+    let positions: BTreeMap<String, Value> = consumer
+        .streams()
+        .into_iter()
+        .map(|(k, p)| {
+            (
+                k,
+                json!({ "position": p.position, "known_head": p.known_head, "lag": p.lag() }),
+            )
+        })
+        .collect();
+    Ok(Json(json!({
+        "source": state.outbox.source(),
+        "broker_connected": state.relay.connected(),
+        "outbox": {
+            "pending": stats.pending,
+            "published": stats.published,
+            "oldest_pending_age_ms": stats.oldest_pending_age_ms,
+            "published_since_start": state.relay.marked_published(),
+            "streams": streams,
+        },
+        "consumer": {
+            "connected": consumer.connected(),
+            "applied_since_start": consumer.applied(),
+            "duplicates_since_start": consumer.duplicates(),
+            "dead_lettered_since_start": consumer.dead_lettered(),
+            "replays_requested_since_start": consumer.replays_requested(),
+            "dead_letters": dead_letters,
+            "streams": positions,
+        },
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    status: Option<String>,
+    after: Option<i64>,
+    limit: Option<u32>,
+}
+
+async fn outbox_events(
+    State(state): State<AppState>,
+    AppQuery(q): AppQuery<EventsQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let filter = match q.status.as_deref() {
+        None | Some("all") => RowFilter::All,
+        Some("pending") => RowFilter::Pending,
+        Some("published") => RowFilter::Published,
+        Some(other) => {
+            let msg = format!("status {other:?} is not one of pending, published, all");
+            return Err(
+                ApiError::new(axum::http::StatusCode::BAD_REQUEST, "invalid_query", msg)
+                    .with_field("status"),
+            );
+        }
+    };
+    let (limit, after) = page(q.limit, q.after)?;
+    let rows = state
+        .db
+        .read(move |c| outbox::list(c, filter, after, limit))
+        .await?;
+    let next_after = (rows.len() == limit as usize)
+        .then(|| rows.last().map(|r| r.id))
+        .flatten();
+    Ok(Json(json!({ "events": rows, "next_after": next_after })))
+}

@@ -1,0 +1,377 @@
+//! transaction-service: a ledger per user, answered from its own projection of users.
+//!
+//! ```text
+//! user.created (from user-service) ──> known_users row + welcome credit + enqueue
+//!                                       transaction.created, one transaction
+//! POST /transactions ──> INSERT transactions + balance + enqueue transaction.created
+//! ```
+//!
+//! It never asks user-service anything: it knows the users that user-service's events
+//! told it about, so it keeps working while user-service or the broker is down.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use rusqlite::{params, OptionalExtension, Row, Transaction};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::db::{Migration, Schema};
+use crate::envelope::CloudEvent;
+use crate::inbox::{HandlerError, Handlers};
+use crate::outbox::{NewEvent, Outbox, OutboxError};
+use crate::service::http::{page, ApiError, AppJson, AppPath, AppQuery};
+use crate::service::idempotency::{self, IdempotencyKey};
+use crate::service::{AppState, Spec};
+use crate::StreamKey;
+
+/// The stream transaction-service produces.
+pub const STREAM: &str = "transactions";
+/// The event every ledger entry produces.
+pub const TRANSACTION_CREATED: &str = "transaction.created";
+
+pub const SCHEMA: Schema = Schema {
+    component: "transaction_service",
+    migrations: &[Migration {
+        version: 1,
+        name: "0001_ledger.sql",
+        sql: include_str!("../schema/transaction-service/0001_ledger.sql"),
+    }],
+};
+
+/// Largest amount of one transaction, in cents (ten million in currency units).
+pub const AMOUNT_MAX_CENTS: i64 = 1_000_000_000;
+/// Longest description, in characters.
+pub const DESCRIPTION_MAX_CHARS: usize = 500;
+
+/// transaction-service, consuming `users_source`'s stream "users" and granting
+/// `welcome_credit_cents` (0 for none) to each new user.
+pub fn spec(users_source: &str, outbox: Outbox, welcome_credit_cents: i64) -> Spec {
+    Spec {
+        name: "transaction-service",
+        schema: SCHEMA,
+        routes: routes(),
+        consumes: vec![StreamKey {
+            source: users_source.to_owned(),
+            stream: crate::user_service::STREAM.to_owned(),
+        }],
+        handlers: Handlers::new().on(crate::user_service::USER_CREATED, move |tx, event| {
+            apply_user_created(tx, event, &outbox, welcome_credit_cents)
+        }),
+    }
+}
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route(
+            "/transactions",
+            get(list_transactions).post(create_transaction),
+        )
+        .route("/users/{id}/balance", get(balance))
+}
+
+/// Credit or debit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Credit,
+    Debit,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Credit => "credit",
+            Kind::Debit => "debit",
+        }
+    }
+}
+
+/// A ledger entry as the API and the `transaction.created` event show it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LedgerEntry {
+    pub id: i64,
+    pub user_id: i64,
+    pub amount_cents: i64,
+    pub kind: String,
+    pub description: Option<String>,
+    /// True for the welcome credit granted on user.created.
+    pub welcome: bool,
+    pub created_at: String,
+}
+
+const ENTRY_COLUMNS: &str = "id, user_id, amount_cents, kind, description, welcome, created_at";
+
+fn entry_from(r: &Row<'_>) -> rusqlite::Result<LedgerEntry> {
+    Ok(LedgerEntry {
+        id: r.get(0)?,
+        user_id: r.get(1)?,
+        amount_cents: r.get(2)?,
+        kind: r.get(3)?,
+        description: r.get(4)?,
+        welcome: r.get::<_, i64>(5)? == 1,
+        created_at: r.get(6)?,
+    })
+}
+
+/// The body of `POST /transactions`.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewTransaction {
+    pub user_id: i64,
+    pub amount_cents: i64,
+    pub kind: Kind,
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+/// Checks a new transaction; returns its trimmed description.
+pub fn validate(t: &NewTransaction) -> Result<Option<String>, ApiError> {
+    if t.user_id <= 0 {
+        return Err(ApiError::invalid(
+            "user_id",
+            "user_id must be a positive integer",
+        ));
+    }
+    if !(1..=AMOUNT_MAX_CENTS).contains(&t.amount_cents) {
+        return Err(ApiError::invalid(
+            "amount_cents",
+            format!("amount_cents must be an integer from 1 to {AMOUNT_MAX_CENTS}"),
+        ));
+    }
+    let description = t
+        .description
+        .as_deref()
+        .map(str::trim)
+        .filter(|d| !d.is_empty());
+    if let Some(d) = description {
+        if d.chars().count() > DESCRIPTION_MAX_CHARS || d.chars().any(char::is_control) {
+            let msg = format!("description must be at most {DESCRIPTION_MAX_CHARS} characters, without control characters");
+            return Err(ApiError::invalid("description", msg));
+        }
+    }
+    Ok(description.map(str::to_owned))
+}
+
+/// Writes a ledger entry, moves the user's balance and enqueues `transaction.created`,
+/// all in `tx`. The caller has checked that the user is known.
+fn record(
+    tx: &Transaction,
+    outbox: &Outbox,
+    user_id: i64,
+    amount_cents: i64,
+    kind: Kind,
+    description: Option<String>,
+    welcome: bool,
+) -> Result<LedgerEntry, OutboxError> {
+    let created_at = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    tx.prepare_cached("INSERT INTO transactions (user_id, amount_cents, kind, description, welcome, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?
+        .execute(params![user_id, amount_cents, kind.as_str(), description, welcome as i64, created_at])?;
+    let entry = LedgerEntry {
+        id: tx.last_insert_rowid(),
+        user_id,
+        amount_cents,
+        kind: kind.as_str().into(),
+        description,
+        welcome,
+        created_at,
+    };
+    let delta = if kind == Kind::Credit {
+        amount_cents
+    } else {
+        -amount_cents
+    };
+    tx.prepare_cached(
+        "UPDATE known_users SET balance_cents = balance_cents + ?2 WHERE user_id = ?1",
+    )?
+    .execute(params![user_id, delta])?;
+    let subject = user_id.to_string();
+    let event = outbox.enqueue(
+        tx,
+        NewEvent {
+            stream: STREAM,
+            event_type: TRANSACTION_CREATED,
+            subject: Some(&subject),
+            data: &entry,
+        },
+    )?;
+    tracing::info!(transaction_id = entry.id, user_id, event_id = %event.event_id, seq = event.seq, welcome, "transaction recorded");
+    Ok(entry)
+}
+
+fn known_balance(tx: &rusqlite::Connection, user_id: i64) -> rusqlite::Result<Option<i64>> {
+    tx.prepare_cached("SELECT balance_cents FROM known_users WHERE user_id = ?1")?
+        .query_row([user_id], |r| r.get(0))
+        .optional()
+}
+
+fn unknown_user(user_id: i64) -> ApiError {
+    ApiError::not_found(format!(
+        "user {user_id} is not known to transaction-service; if it was just created, user-service's user.created event may not have arrived yet: retry shortly"
+    ))
+}
+
+async fn create_transaction(
+    State(state): State<AppState>,
+    IdempotencyKey(key): IdempotencyKey,
+    AppJson(input): AppJson<NewTransaction>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let description = validate(&input)?;
+    let outbox = state.outbox.clone();
+    let request = idempotency::fingerprint("POST /transactions", &input);
+    let (user_id, amount_cents, kind) = (input.user_id, input.amount_cents, input.kind);
+    let (status, body) = idempotency::write_once(&state.db, key, request, move |tx| {
+        let balance = known_balance(tx, user_id)?
+            .ok_or_else(|| unknown_user(user_id).with_field("user_id"))?;
+        if kind == Kind::Debit && amount_cents > balance {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "insufficient_funds",
+                format!("a debit of {amount_cents} cents exceeds the balance of {balance} cents"),
+            )
+            .with_field("amount_cents"));
+        }
+        if kind == Kind::Credit && balance.checked_add(amount_cents).is_none() {
+            return Err(ApiError::invalid(
+                "amount_cents",
+                "the balance would overflow",
+            ));
+        }
+        let entry = record(tx, &outbox, user_id, amount_cents, kind, description, false)?;
+        Ok((StatusCode::CREATED, json!(entry)))
+    })
+    .await?;
+    Ok((status, Json(body)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    user_id: Option<i64>,
+    limit: Option<u32>,
+    after: Option<i64>,
+}
+
+async fn list_transactions(
+    State(state): State<AppState>,
+    AppQuery(q): AppQuery<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let (limit, after) = page(q.limit, q.after)?;
+    let user_id = q.user_id;
+    let entries = state
+        .db
+        .read(move |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {ENTRY_COLUMNS} FROM transactions WHERE (?1 IS NULL OR user_id = ?1) AND id > ?2 ORDER BY id LIMIT ?3"
+            ))?;
+            let rows = stmt.query_map(params![user_id, after, limit], entry_from)?.collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+        .await?;
+    let next_after = (entries.len() == limit as usize)
+        .then(|| entries.last().map(|e| e.id))
+        .flatten();
+    Ok(Json(
+        json!({ "transactions": entries, "next_after": next_after }),
+    ))
+}
+
+async fn balance(
+    State(state): State<AppState>,
+    AppPath(user_id): AppPath<i64>,
+) -> Result<Json<Value>, ApiError> {
+    let balance = state
+        .db
+        .read(move |c| Ok(known_balance(c, user_id)?))
+        .await?;
+    let balance_cents = balance.ok_or_else(|| unknown_user(user_id))?;
+    Ok(Json(
+        json!({ "user_id": user_id, "balance_cents": balance_cents }),
+    ))
+}
+
+/// The part of a `user.created` event transaction-service needs.
+#[derive(Debug, Deserialize)]
+struct UserCreated {
+    id: i64,
+    name: String,
+    email: String,
+}
+
+/// Applies `user.created`: records the user in the projection and grants the welcome
+/// credit, once per user (the inbox applies each event once; a unique index refuses a
+/// second welcome credit whatever happens upstream).
+fn apply_user_created(
+    tx: &Transaction,
+    event: &CloudEvent,
+    outbox: &Outbox,
+    welcome_credit_cents: i64,
+) -> Result<(), HandlerError> {
+    let u: UserCreated = serde_json::from_value(event.data.clone())
+        .map_err(|e| HandlerError::Permanent(format!("bad user.created data: {e}")))?;
+    if u.id <= 0 {
+        return Err(HandlerError::Permanent(format!(
+            "user.created has invalid id {}",
+            u.id
+        )));
+    }
+    let now = crate::clock::now_ms();
+    let new = tx
+        .prepare_cached("INSERT INTO known_users (user_id, name, email, balance_cents, seen_at_ms) VALUES (?1, ?2, ?3, 0, ?4) ON CONFLICT (user_id) DO NOTHING")?
+        .execute(params![u.id, u.name, u.email, now])?;
+    tracing::info!(event_id = %event.id, seq = %event.sequence, user_id = u.id, new = new == 1, "user seen");
+    let has_welcome: bool = tx
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM transactions WHERE user_id = ?1 AND welcome = 1)",
+        )?
+        .query_row([u.id], |r| r.get(0))?;
+    if welcome_credit_cents > 0 && !has_welcome {
+        record(
+            tx,
+            outbox,
+            u.id,
+            welcome_credit_cents,
+            Kind::Credit,
+            Some("welcome credit".into()),
+            true,
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(amount_cents: i64, description: Option<&str>) -> NewTransaction {
+        NewTransaction {
+            user_id: 1,
+            amount_cents,
+            kind: Kind::Credit,
+            description: description.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn amounts_are_positive_and_bounded() {
+        for bad in [0, -5, AMOUNT_MAX_CENTS + 1] {
+            assert_eq!(
+                validate(&t(bad, None)).unwrap_err().field.as_deref(),
+                Some("amount_cents"),
+                "{bad}"
+            );
+        }
+        assert!(validate(&t(AMOUNT_MAX_CENTS, None)).is_ok());
+    }
+
+    #[test]
+    fn descriptions_are_trimmed_and_bounded() {
+        assert_eq!(
+            validate(&t(1, Some("  rent "))).unwrap(),
+            Some("rent".into())
+        );
+        assert_eq!(validate(&t(1, Some("   "))).unwrap(), None);
+        assert!(validate(&t(1, Some(&"x".repeat(501)))).is_err());
+    }
+}

@@ -1,0 +1,291 @@
+//! user-service: users, and their balances as transaction-service reports them.
+//!
+//! ```text
+//! POST /users ──> INSERT users + enqueue user.created (stream "users"), one transaction
+//! transaction.created (from transaction-service) ──> users.balance_cents += amount
+//! ```
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::db::{Migration, Schema};
+use crate::envelope::CloudEvent;
+use crate::inbox::{HandlerError, Handlers};
+use crate::outbox::NewEvent;
+use crate::service::http::{page, ApiError, AppJson, AppPath, AppQuery};
+use crate::service::idempotency::{self, IdempotencyKey};
+use crate::service::{AppState, Spec};
+use crate::StreamKey;
+
+/// The stream user-service produces.
+pub const STREAM: &str = "users";
+/// The event a new user produces.
+pub const USER_CREATED: &str = "user.created";
+
+pub const SCHEMA: Schema = Schema {
+    component: "user_service",
+    migrations: &[Migration {
+        version: 1,
+        name: "0001_users.sql",
+        sql: include_str!("../schema/user-service/0001_users.sql"),
+    }],
+};
+
+/// Longest name, in characters, after trimming.
+pub const NAME_MAX_CHARS: usize = 100;
+/// Longest email, in bytes (RFC 5321's path limit).
+pub const EMAIL_MAX_BYTES: usize = 254;
+
+/// user-service, consuming `transactions_source`'s stream "transactions".
+pub fn spec(transactions_source: &str) -> Spec {
+    Spec {
+        name: "user-service",
+        schema: SCHEMA,
+        routes: routes(),
+        consumes: vec![StreamKey {
+            source: transactions_source.to_owned(),
+            stream: crate::transaction_service::STREAM.to_owned(),
+        }],
+        handlers: Handlers::new().on(
+            crate::transaction_service::TRANSACTION_CREATED,
+            apply_transaction,
+        ),
+    }
+}
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/users", get(list_users).post(create_user))
+        .route("/users/{id}", get(get_user))
+}
+
+/// A user as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct User {
+    pub id: i64,
+    pub name: String,
+    pub email: String,
+    pub balance_cents: i64,
+    pub created_at: String,
+}
+
+const USER_COLUMNS: &str = "id, name, email, balance_cents, created_at";
+
+fn user_from(r: &Row<'_>) -> rusqlite::Result<User> {
+    Ok(User {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        email: r.get(2)?,
+        balance_cents: r.get(3)?,
+        created_at: r.get(4)?,
+    })
+}
+
+/// The body of `POST /users`.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewUser {
+    pub name: String,
+    pub email: String,
+}
+
+/// Checks and normalises a new user: the trimmed name, the trimmed email.
+pub fn validate(input: &NewUser) -> Result<(String, String), ApiError> {
+    let name = input.name.trim();
+    let chars = name.chars().count();
+    if chars == 0 || chars > NAME_MAX_CHARS {
+        return Err(ApiError::invalid(
+            "name",
+            format!("name must be 1 to {NAME_MAX_CHARS} characters after trimming"),
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(ApiError::invalid(
+            "name",
+            "name must not contain control characters",
+        ));
+    }
+    let email = input.email.trim();
+    if !plausible_email(email) {
+        return Err(ApiError::invalid(
+            "email",
+            "email must look like name@example.com",
+        ));
+    }
+    Ok((name.to_owned(), email.to_owned()))
+}
+
+/// One `@`, a non-empty local part, a domain with a dot and no empty label, no spaces
+/// or control characters, at most 254 bytes. Deliverability is not checked.
+fn plausible_email(email: &str) -> bool {
+    if email.len() > EMAIL_MAX_BYTES || email.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return false;
+    }
+    let Some((local, domain)) = email.split_once('@') else {
+        return false;
+    };
+    !local.is_empty()
+        && local.len() <= 64
+        && !domain.contains('@')
+        && domain.contains('.')
+        && domain.split('.').all(|l| !l.is_empty())
+}
+
+async fn create_user(
+    State(state): State<AppState>,
+    IdempotencyKey(key): IdempotencyKey,
+    AppJson(input): AppJson<NewUser>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let (name, email) = validate(&input)?;
+    let outbox = state.outbox.clone();
+    let request = idempotency::fingerprint("POST /users", &input);
+    let (status, body) = idempotency::write_once(&state.db, key, request, move |tx| {
+        let created_at = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+        let inserted = tx
+            .prepare_cached("INSERT INTO users (name, email, balance_cents, created_at) VALUES (?1, ?2, 0, ?3)")?
+            .execute(params![name, email, created_at]);
+        if let Err(e) = inserted {
+            if e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation) {
+                return Err(ApiError::new(StatusCode::CONFLICT, "duplicate_email", format!("a user with email {email:?} already exists")).with_field("email"));
+            }
+            return Err(e.into());
+        }
+        let user = User { id: tx.last_insert_rowid(), name, email, balance_cents: 0, created_at };
+        let subject = user.id.to_string();
+        let event = outbox.enqueue(tx, NewEvent { stream: STREAM, event_type: USER_CREATED, subject: Some(&subject), data: &user })?;
+        tracing::info!(user_id = user.id, event_id = %event.event_id, seq = event.seq, "user created");
+        Ok((StatusCode::CREATED, json!(user)))
+    })
+    .await?;
+    Ok((status, Json(body)))
+}
+
+async fn get_user(
+    State(state): State<AppState>,
+    AppPath(id): AppPath<i64>,
+) -> Result<Json<User>, ApiError> {
+    let user = state.db.read(move |c| Ok(find_user(c, id)?)).await?;
+    user.map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("no user with id {id}")))
+}
+
+fn find_user(c: &Connection, id: i64) -> rusqlite::Result<Option<User>> {
+    c.prepare_cached(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = ?1"))?
+        .query_row([id], user_from)
+        .optional()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    limit: Option<u32>,
+    after: Option<i64>,
+}
+
+async fn list_users(
+    State(state): State<AppState>,
+    AppQuery(q): AppQuery<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let (limit, after) = page(q.limit, q.after)?;
+    let users = state
+        .db
+        .read(move |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {USER_COLUMNS} FROM users WHERE id > ?1 ORDER BY id LIMIT ?2"
+            ))?;
+            let users = stmt
+                .query_map(params![after, limit], user_from)?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(users)
+        })
+        .await?;
+    let next_after = (users.len() == limit as usize)
+        .then(|| users.last().map(|u| u.id))
+        .flatten();
+    Ok(Json(json!({ "users": users, "next_after": next_after })))
+}
+
+/// The part of a `transaction.created` event user-service needs.
+#[derive(Debug, Deserialize)]
+struct TransactionCreated {
+    id: i64,
+    user_id: i64,
+    amount_cents: i64,
+    kind: String,
+}
+
+/// Applies a `transaction.created` event: the user's balance moves by its amount.
+fn apply_transaction(tx: &rusqlite::Transaction, event: &CloudEvent) -> Result<(), HandlerError> {
+    let t: TransactionCreated = serde_json::from_value(event.data.clone())
+        .map_err(|e| HandlerError::Permanent(format!("bad transaction.created data: {e}")))?;
+    let delta = match t.kind.as_str() {
+        "credit" => t.amount_cents,
+        "debit" => -t.amount_cents,
+        other => {
+            return Err(HandlerError::Permanent(format!(
+                "transaction {} has unknown kind {other:?}",
+                t.id
+            )))
+        }
+    };
+    let changed = tx
+        .prepare_cached("UPDATE users SET balance_cents = balance_cents + ?2 WHERE id = ?1")?
+        .execute(params![t.user_id, delta])?;
+    if changed == 0 {
+        return Err(HandlerError::Permanent(format!(
+            "transaction {} is for unknown user {}",
+            t.id, t.user_id
+        )));
+    }
+    tracing::info!(event_id = %event.id, seq = %event.sequence, user_id = t.user_id, delta, "balance updated");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(name: &str, email: &str) -> NewUser {
+        NewUser {
+            name: name.into(),
+            email: email.into(),
+        }
+    }
+
+    #[test]
+    fn names_are_trimmed_and_bounded() {
+        assert_eq!(validate(&user("  Ada  ", "a@b.io")).unwrap().0, "Ada");
+        assert_eq!(
+            validate(&user("   ", "a@b.io"))
+                .unwrap_err()
+                .field
+                .as_deref(),
+            Some("name")
+        );
+        assert!(
+            validate(&user(&"é".repeat(100), "a@b.io")).is_ok(),
+            "100 characters, not bytes"
+        );
+        assert!(validate(&user(&"é".repeat(101), "a@b.io")).is_err());
+        assert!(validate(&user("a\u{0}b", "a@b.io")).is_err());
+    }
+
+    #[test]
+    fn implausible_emails_are_refused() {
+        for bad in [
+            "", "ada", "ada@", "@b.io", "a@b", "a@@b.io", "a b@c.io", "a@b..io", "a@.io",
+        ] {
+            assert_eq!(
+                validate(&user("Ada", bad)).unwrap_err().field.as_deref(),
+                Some("email"),
+                "{bad:?}"
+            );
+        }
+        assert!(validate(&user("Ada", "ada.lovelace+x@math.example.org")).is_ok());
+    }
+}
