@@ -1,24 +1,75 @@
 # edge-outbox: see README.md. `make help` lists the targets.
 
+SHELL := /bin/bash
 CARGO ?= cargo
+BIN := target/release
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+USERS := http://127.0.0.1:8081
+LEDGER := http://127.0.0.1:8082
 
-.PHONY: help build test deps clean
+.PHONY: help deps build run-all watch demo verify test clean
 
 help:
-	@echo "make test    install Mosquitto when missing, then run every test against a real broker"
-	@echo "make build   build in release mode"
-	@echo "make clean   remove build output and ./data"
+	@echo "make run-all  install Mosquitto if missing, build, run the broker and both services (Ctrl-C stops all)"
+	@echo "make test     install Mosquitto if missing, run every test against real brokers and databases"
+	@echo "make watch    print every event on the broker (needs run-all in another terminal)"
+	@echo "make demo     create a user and follow its events step by step (needs run-all)"
+	@echo "make verify   check the cross-service invariants of ./data (after the box drained)"
+	@echo "make build    build in release mode"
+	@echo "make clean    remove build output and ./data"
 
-# Mosquitto and its clients: the tests start their own broker processes.
+# Mosquitto and its clients, from Debian's packages, when missing.
 deps:
-	@if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ] || ! command -v mosquitto_pub >/dev/null 2>&1; then \
+	@if { ! command -v mosquitto && [ ! -x /usr/sbin/mosquitto ]; } >/dev/null 2>&1 || ! command -v mosquitto_pub >/dev/null 2>&1; then \
 		echo "installing mosquitto and mosquitto-clients"; \
+		export DEBIAN_FRONTEND=noninteractive; \
 		$(SUDO) apt-get install -y mosquitto mosquitto-clients || { $(SUDO) apt-get update && $(SUDO) apt-get install -y mosquitto mosquitto-clients; }; \
 	fi
 
 build:
 	$(CARGO) build --release --locked
+
+# Mosquitto started as root drops to the mosquitto user, which must own its
+# persistence folder.
+run-all: deps build
+	@mkdir -p data/mosquitto
+	@if [ "$$(id -u)" = 0 ] && id mosquitto >/dev/null 2>&1; then chown mosquitto data/mosquitto; fi
+	@PATH="$$PATH:/usr/sbin" $(BIN)/edge-outbox run-all
+
+watch:
+	mosquitto_sub -h 127.0.0.1 -p 1883 -v -t 'edge-outbox/events/#'
+
+verify:
+	@[ -x $(BIN)/edge-outbox ] || $(CARGO) build --release --locked
+	$(BIN)/edge-outbox verify
+
+demo:
+	@set -euo pipefail; \
+	step() { printf '\n\033[1m%s\033[0m\n' "$$*"; }; \
+	curl -sf $(USERS)/healthz >/dev/null && curl -sf $(LEDGER)/healthz >/dev/null \
+		|| { echo "the box is not running: start it with 'make run-all' in another terminal"; exit 1; }; \
+	sub=$$(mktemp); \
+	mosquitto_sub -h 127.0.0.1 -p 1883 -v -C 2 -W 10 -t 'edge-outbox/events/#' > "$$sub" & subpid=$$!; \
+	sleep 0.3; \
+	email="demo-$$(date +%s%N)@example.com"; \
+	step "1. POST /users: user-service writes the user and a user.created event in one transaction"; \
+	echo "curl -X POST $(USERS)/users -d '{\"name\":\"Demo User\",\"email\":\"$$email\"}'"; \
+	user=$$(curl -sS -X POST $(USERS)/users -H 'Content-Type: application/json' -H "Idempotency-Key: $$email" \
+		-d "{\"name\":\"Demo User\",\"email\":\"$$email\"}"); \
+	echo "$$user"; \
+	id=$$(sed -n 's/.*"id":\([0-9]*\).*/\1/p' <<< "$$user"); \
+	step "2. The outbox row (GET /outbox/events?order=desc&limit=1): pending until the broker's PUBACK, then published"; \
+	curl -sS "$(USERS)/outbox/events?order=desc&limit=1"; echo; \
+	step "3. The events on the broker (mosquitto_sub): user.created, then transaction-service's transaction.created"; \
+	wait $$subpid || true; cat "$$sub"; rm -f "$$sub"; \
+	step "4. transaction-service applied user.created once and granted the welcome credit (GET /transactions?user_id=$$id)"; \
+	for i in $$(seq 50); do t=$$(curl -sS "$(LEDGER)/transactions?user_id=$$id"); grep -q '"welcome":true' <<< "$$t" && break; sleep 0.1; done; \
+	echo "$$t"; \
+	step "5. user-service applied transaction.created once: the balance (GET /users/$$id)"; \
+	for i in $$(seq 50); do u=$$(curl -sS $(USERS)/users/$$id); grep -q '"balance_cents":0,' <<< "$$u" || break; sleep 0.1; done; \
+	echo "$$u"; \
+	step "6. Status of both outboxes and consumers (GET /outbox)"; \
+	curl -sS $(USERS)/outbox; echo; curl -sS $(LEDGER)/outbox; echo
 
 # cargo-nextest runs each test in its own process; plain cargo test works too.
 test: deps

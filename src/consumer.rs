@@ -20,7 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rumqttc::{
-    AsyncClient, Event, EventLoop, Packet, Publish, QoS, SubscribeFilter, SubscribeReasonCode,
+    AsyncClient, Event, EventLoop, Outgoing, Packet, Publish, QoS, SubscribeFilter,
+    SubscribeReasonCode,
 };
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -36,6 +37,8 @@ use crate::retry::{Backoff, LogLimiter};
 /// Messages buffered between the poller and the processor. The broker sends at most
 /// its `max_inflight_messages` unacknowledged QoS1 messages, so this rarely fills.
 const RECEIVE_QUEUE_MAX: usize = 1_024;
+/// Time given to the acks and the DISCONNECT on shutdown.
+const DISCONNECT_TIMEOUT: Duration = Duration::from_millis(1_000);
 /// Rows deleted per inbox retention transaction at most.
 const PRUNE_BATCH_ROWS: usize = 5_000;
 
@@ -267,14 +270,16 @@ impl Consumer {
         }
 
         tracing::info!("consumer stopping");
+        // The poller sends the queued acks, then the DISCONNECT, and returns. When the
+        // broker is unreachable there is nothing to send: stop it after a moment.
         let _ = client.try_disconnect();
-        let _ = tokio::time::timeout(Config::ms(cfg.shutdown_timeout_ms), async {
-            // Give the poller a moment to send the acks and the DISCONNECT.
-            sleep(Duration::from_millis(100)).await;
+        if tokio::time::timeout(DISCONNECT_TIMEOUT, &mut poller.0)
+            .await
+            .is_err()
+        {
             poller_stop.cancel();
             let _ = (&mut poller.0).await;
-        })
-        .await;
+        }
         self.status.connected.store(false, Ordering::Relaxed);
         tracing::info!("consumer stopped");
         Ok(())
@@ -611,6 +616,7 @@ async fn poll(
                     return;
                 }
             }
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
             Ok(_) => {}
             Err(e) => {
                 status.connected.store(false, Ordering::Relaxed);

@@ -37,9 +37,11 @@ pub mod outbox;
 pub mod protocol;
 pub mod relay;
 pub mod retry;
+pub mod run_all;
 pub mod service;
 pub mod transaction_service;
 pub mod user_service;
+pub mod verify;
 pub mod writer;
 
 pub use config::Config;

@@ -362,21 +362,28 @@ pub enum RowFilter {
     Published,
 }
 
-/// Up to `limit` rows with `id > after`, in id order.
+/// Up to `limit` rows in id order: with `newest_first`, those with `id < after` (all
+/// when `after` is 0) from the newest down; otherwise those with `id > after`.
 pub fn list(
     conn: &Connection,
     filter: RowFilter,
     after: i64,
     limit: u32,
+    newest_first: bool,
 ) -> Result<Vec<OutboxRow>, DbError> {
     let condition = match filter {
         RowFilter::All => "1",
         RowFilter::Pending => "published_at_ms IS NULL",
         RowFilter::Published => "published_at_ms IS NOT NULL",
     };
+    let (cursor, order) = match (newest_first, after) {
+        (true, 0) => ("?1 = 0", "DESC"),
+        (true, _) => ("id < ?1", "DESC"),
+        (false, _) => ("id > ?1", "ASC"),
+    };
     let mut stmt = conn.prepare_cached(&format!(
         "SELECT id, event_id, stream, seq, event_type, topic, created_at_ms, published_at_ms, payload
-         FROM outbox WHERE {condition} AND id > ?1 ORDER BY id LIMIT ?2"
+         FROM outbox WHERE {condition} AND {cursor} ORDER BY id {order} LIMIT ?2"
     ))?;
     let rows = stmt
         .query_map(params![after, limit], |r| {

@@ -97,6 +97,8 @@ async fn outbox_status(State(state): State<AppState>) -> Result<Json<Value>, Api
 #[serde(deny_unknown_fields)]
 struct EventsQuery {
     status: Option<String>,
+    /// "asc" (default, oldest first) or "desc" (newest first; `after` then pages down).
+    order: Option<String>,
     after: Option<i64>,
     limit: Option<u32>,
 }
@@ -117,10 +119,21 @@ async fn outbox_events(
             );
         }
     };
+    let newest_first = match q.order.as_deref() {
+        None | Some("asc") => false,
+        Some("desc") => true,
+        Some(other) => {
+            let msg = format!("order {other:?} is not asc or desc");
+            return Err(
+                ApiError::new(axum::http::StatusCode::BAD_REQUEST, "invalid_query", msg)
+                    .with_field("order"),
+            );
+        }
+    };
     let (limit, after) = page(q.limit, q.after)?;
     let rows = state
         .db
-        .read(move |c| outbox::list(c, filter, after, limit))
+        .read(move |c| outbox::list(c, filter, after, limit, newest_first))
         .await?;
     let next_after = (rows.len() == limit as usize)
         .then(|| rows.last().map(|r| r.id))

@@ -1,0 +1,171 @@
+//! `edge-outbox run-all`: the whole box in one terminal. Starts Mosquitto with the
+//! repo's config, waits until it listens, starts user-service and transaction-service,
+//! and prefixes every line they print with their name. Ctrl-C (or SIGTERM) stops the
+//! services first (SIGTERM: they finish in-flight work), then the broker. If any of
+//! them exits on its own, the others are stopped too and the exit is reported.
+//!
+//! The children run in their own process groups, so that a terminal's Ctrl-C reaches
+//! only this supervisor, which then stops them in order.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+use tokio::signal::unix::{signal, SignalKind};
+
+/// What to run.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunAll {
+    /// Mosquitto configuration for the box.
+    #[arg(long, default_value = "mosquitto.conf")]
+    pub mosquitto_conf: PathBuf,
+    /// The mosquitto executable.
+    #[arg(long, env = "MOSQUITTO", default_value = "mosquitto")]
+    pub mosquitto: PathBuf,
+    /// Address the broker listens on (as set in the config), to wait for.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    pub broker_addr: String,
+    /// Folder holding user-service and transaction-service (default: this program's).
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+    /// How long each service may take to stop after SIGTERM before it is killed.
+    #[arg(long, default_value_t = 10)]
+    pub stop_timeout_s: u64,
+}
+
+struct Proc {
+    name: &'static str,
+    child: Child,
+}
+
+fn spawn(name: &'static str, cmd: &mut Command) -> anyhow::Result<Proc> {
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null())
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {name}"))?;
+    if let Some(out) = child.stdout.take() {
+        tokio::spawn(prefix_lines(name, out));
+    }
+    if let Some(err) = child.stderr.take() {
+        tokio::spawn(prefix_lines(name, err));
+    }
+    println!("[run-all] started {name} (pid {})", child.id().unwrap_or(0));
+    Ok(Proc { name, child })
+}
+
+async fn prefix_lines(name: &'static str, stream: impl AsyncRead + Unpin) {
+    let mut lines = BufReader::new(stream).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        println!("[{name:<19}] {line}");
+    }
+}
+
+/// SIGTERM, then SIGKILL after `timeout`.
+async fn stop(p: &mut Proc, timeout: Duration) {
+    let Some(pid) = p.child.id() else { return };
+    // SAFETY: kill(2) on a child we spawned and have not reaped: the pid is ours.
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGTERM);
+    }
+    match tokio::time::timeout(timeout, p.child.wait()).await {
+        Ok(Ok(status)) => println!("[run-all] {} stopped ({status})", p.name),
+        _ => {
+            println!(
+                "[run-all] {} did not stop within {timeout:?}: killing it",
+                p.name
+            );
+            let _ = p.child.kill().await;
+        }
+    }
+}
+
+async fn wait_listening(addr: &str, broker: &mut Proc) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        if let Some(status) = broker.child.try_wait()? {
+            bail!("mosquitto exited ({status}) before listening on {addr}; is another broker already using the port?");
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("mosquitto did not listen on {addr} within 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs the box until Ctrl-C, SIGTERM, or one of its processes exits.
+pub async fn run(opts: RunAll) -> anyhow::Result<()> {
+    let bin_dir = match &opts.bin_dir {
+        Some(d) => d.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("this program has no folder")?
+            .to_owned(),
+    };
+    if !opts.mosquitto_conf.exists() {
+        bail!(
+            "{} not found: run from the repository root or pass --mosquitto-conf",
+            opts.mosquitto_conf.display()
+        );
+    }
+    std::fs::create_dir_all("data/mosquitto").context("creating data/mosquitto")?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+
+    let mut broker = spawn(
+        "mosquitto",
+        Command::new(&opts.mosquitto)
+            .arg("-c")
+            .arg(&opts.mosquitto_conf),
+    )?;
+    wait_listening(&opts.broker_addr, &mut broker).await?;
+    let mut services = Vec::new();
+    for name in ["user-service", "transaction-service"] {
+        let path = bin_dir.join(name);
+        if !path.exists() {
+            stop(&mut broker, Duration::from_secs(5)).await;
+            bail!(
+                "{} not found: build first (make build) or pass --bin-dir",
+                path.display()
+            );
+        }
+        services.push(spawn(name, &mut Command::new(path))?);
+    }
+    println!("[run-all] the box is up: user-service on 127.0.0.1:8081, transaction-service on 127.0.0.1:8082; Ctrl-C stops everything");
+
+    let failed = {
+        let [a, b] = &mut services[..] else {
+            unreachable!("two services")
+        };
+        tokio::select! {
+            _ = term.recv() => None,
+            _ = int.recv() => None,
+            s = a.child.wait() => Some((a.name, s)),
+            s = b.child.wait() => Some((b.name, s)),
+            s = broker.child.wait() => Some((broker.name, s)),
+        }
+    };
+    if let Some((name, status)) = &failed {
+        println!("[run-all] {name} exited on its own ({status:?}); stopping the rest");
+    } else {
+        println!("[run-all] stopping: services first, then the broker");
+    }
+    let timeout = Duration::from_secs(opts.stop_timeout_s);
+    for s in &mut services {
+        stop(s, timeout).await;
+    }
+    stop(&mut broker, timeout).await;
+    match failed {
+        Some((name, _)) => bail!("{name} exited unexpectedly; see its lines above"),
+        None => Ok(()),
+    }
+}
