@@ -24,7 +24,8 @@ pub struct Broker {
     child: Option<Child>,
 }
 
-fn free_port() -> u16 {
+/// A port nobody listens on now (the OS picks it).
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

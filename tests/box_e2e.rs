@@ -1,0 +1,299 @@
+//! The whole box as real processes: Mosquitto, user-service and transaction-service,
+//! driven over HTTP on loopback, then checked with `edge-outbox verify`.
+#![allow(clippy::result_large_err)]
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::{free_port, Broker};
+
+struct Service {
+    name: &'static str,
+    child: Child,
+    base: String,
+    log: PathBuf,
+}
+
+impl Service {
+    fn start(name: &'static str, exe: &str, dir: &Path, broker: &Broker) -> Service {
+        let port = free_port();
+        let log = dir.join(format!("{name}.log"));
+        let child = Command::new(exe)
+            .args(["--db", dir.join(format!("{name}.db")).to_str().unwrap()])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--broker", &broker.url()])
+            .args(["--topic-prefix", &format!("e2e-{}", std::process::id())])
+            .args([
+                "--relay-heads-interval-ms",
+                "300",
+                "--consumer-gap-timeout-ms",
+                "300",
+            ])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {exe}: {e}"));
+        let mut s = Service {
+            name,
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            log,
+        };
+        s.wait_healthy();
+        s
+    }
+
+    fn wait_healthy(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while ureq::get(&format!("{}/healthz", self.base)).call().is_err() {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "{} exited with {status}: {}",
+                    self.name,
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} not healthy within 20 s",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn get(&self, path: &str) -> (u16, Value) {
+        response(ureq::get(&format!("{}{path}", self.base)).call())
+    }
+
+    fn post(&self, path: &str, body: Value, key: Option<&str>) -> (u16, Value) {
+        let mut req = ureq::post(&format!("{}{path}", self.base));
+        if let Some(k) = key {
+            req = req.set("Idempotency-Key", k);
+        }
+        response(req.send_json(body))
+    }
+
+    /// SIGTERM; returns how the process exited and how long it took.
+    fn terminate(&mut self) -> (ExitStatus, Duration) {
+        let started = Instant::now();
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status, started.elapsed());
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "{} did not stop within 15 s of SIGTERM",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn response(r: Result<ureq::Response, ureq::Error>) -> (u16, Value) {
+    match r {
+        Ok(res) => (res.status(), res.into_json().unwrap_or(Value::Null)),
+        Err(ureq::Error::Status(code, res)) => (code, res.into_json().unwrap_or(Value::Null)),
+        Err(e) => panic!("HTTP request failed: {e}"),
+    }
+}
+
+fn wait_until(what: &str, secs: u64, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !check() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs} s waiting for: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn verify(dir: &Path) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_edge-outbox"))
+        .args([
+            "verify",
+            "--user-db",
+            dir.join("user-service.db").to_str().unwrap(),
+        ])
+        .args([
+            "--transaction-db",
+            dir.join("transaction-service.db").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn drained(s: &Service) -> bool {
+    let (_, st) = s.get("/outbox");
+    let lag: u64 = st["consumer"]["streams"].as_object().map_or(1, |m| {
+        m.values().map(|v| v["lag"].as_u64().unwrap_or(1)).sum()
+    });
+    st["outbox"]["pending"] == 0 && lag == 0
+}
+
+#[test]
+fn users_get_one_welcome_credit_balances_match_the_ledger_and_verify_passes() {
+    const USERS: usize = 40;
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let users = Service::start(
+        "user-service",
+        env!("CARGO_BIN_EXE_user-service"),
+        dir.path(),
+        &broker,
+    );
+    let ledger = Service::start(
+        "transaction-service",
+        env!("CARGO_BIN_EXE_transaction-service"),
+        dir.path(),
+        &broker,
+    );
+
+    // Four clients create users concurrently; each request is sent twice with the same
+    // Idempotency-Key, as a client that lost the first answer would.
+    let ids: Vec<i64> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..4)
+            .map(|t| {
+                let users = &users;
+                scope.spawn(move || {
+                    (0..USERS / 4)
+                        .map(|i| {
+                            let body = json!({ "name": format!("User {t}-{i}"), "email": format!("u{t}-{i}@example.com") });
+                            let key = format!("create-{t}-{i}");
+                            let (status, first) = users.post("/users", body.clone(), Some(&key));
+                            assert_eq!(status, 201, "{first}");
+                            let (status, again) = users.post("/users", body, Some(&key));
+                            assert_eq!((status, &again), (201, &first), "the retry returns the original answer");
+                            first["id"].as_i64().unwrap()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    assert_eq!(ids.len(), USERS);
+
+    wait_until(
+        "every user's welcome credit reached user-service",
+        30,
+        || {
+            ids.iter()
+                .all(|id| users.get(&format!("/users/{id}")).1["balance_cents"] == 1000)
+        },
+    );
+    // Spend some of it through transaction-service, which answers from its projection.
+    for id in &ids[..10] {
+        let (status, t) = ledger.post(
+            "/transactions",
+            json!({ "user_id": id, "amount_cents": 300, "kind": "debit" }),
+            Some(&format!("debit-{id}")),
+        );
+        assert_eq!(status, 201, "{t}");
+        let (status, _) = ledger.post(
+            "/transactions",
+            json!({ "user_id": id, "amount_cents": 5000, "kind": "debit" }),
+            None,
+        );
+        assert_eq!(status, 422, "a debit beyond the balance is refused");
+    }
+    wait_until("both services drained", 30, || {
+        drained(&users) && drained(&ledger)
+    });
+    for id in &ids[..10] {
+        assert_eq!(users.get(&format!("/users/{id}")).1["balance_cents"], 700);
+        assert_eq!(
+            ledger.get(&format!("/users/{id}/balance")).1["balance_cents"],
+            700
+        );
+    }
+    let (_, welcome) = ledger.get(&format!("/transactions?user_id={}", ids[0]));
+    let welcomes = welcome["transactions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["welcome"] == true)
+        .count();
+    assert_eq!(welcomes, 1);
+
+    for mut s in [users, ledger] {
+        let (status, took) = s.terminate();
+        assert!(
+            status.success(),
+            "{} exited with {status} after SIGTERM",
+            s.name
+        );
+        assert!(
+            took < Duration::from_secs(10),
+            "{} took {took:?} to stop",
+            s.name
+        );
+    }
+
+    let (code, report) = verify(dir.path());
+    assert_eq!(code, 0, "{report}");
+    assert!(report.contains("all 9 checks passed"), "{report}");
+
+    // The same check must catch a broken invariant (the last user was not debited).
+    let untouched = ids[USERS - 1];
+    support::inspect(&dir.path().join("user-service.db"))
+        .execute(
+            "UPDATE users SET balance_cents = balance_cents + 1 WHERE id = ?1",
+            [untouched],
+        )
+        .unwrap();
+    let (code, report) = verify(dir.path());
+    assert_eq!(code, 1, "{report}");
+    assert!(
+        report.contains(&format!(
+            "user {untouched}: balance 1001 != ledger sum 1000"
+        )),
+        "{report}"
+    );
+}
+
+#[test]
+fn verify_refuses_missing_or_foreign_databases_with_exit_code_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out) = verify(dir.path());
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("user-service.db"), "{out}");
+    for name in ["user-service.db", "transaction-service.db"] {
+        rusqlite::Connection::open(dir.path().join(name))
+            .unwrap()
+            .execute_batch("CREATE TABLE t (x)")
+            .unwrap();
+    }
+    let (code, out) = verify(dir.path());
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("is not a user-service database"), "{out}");
+}
