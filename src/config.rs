@@ -42,6 +42,16 @@ pub struct Config {
     #[arg(long, env = "OUTBOX_PAYLOAD_MAX_BYTES", default_value_t = 256 * 1024)]
     pub payload_max_bytes: usize,
 
+    /// Events waiting to be published at most (the broker unreachable for long): beyond
+    /// it, new events and the business writes they come with are refused (HTTP 503).
+    #[arg(long, env = "OUTBOX_BACKLOG_MAX_EVENTS", default_value_t = 1_000_000)]
+    pub outbox_backlog_max_events: u64,
+
+    /// Bytes of event envelopes waiting to be published at most; see
+    /// --outbox-backlog-max-events.
+    #[arg(long, env = "OUTBOX_BACKLOG_MAX_BYTES", default_value_t = 1024 * 1024 * 1024)]
+    pub outbox_backlog_max_bytes: u64,
+
     /// QoS1 publishes the relay keeps in flight (waiting for PUBACK) at most.
     #[arg(long, env = "RELAY_INFLIGHT_MAX", default_value_t = 100)]
     pub relay_inflight_max: u16,
@@ -129,6 +139,8 @@ impl Default for Config {
             source: "edge-outbox".into(),
             topic_prefix: "edge-outbox".into(),
             payload_max_bytes: 256 * 1024,
+            outbox_backlog_max_events: 1_000_000,
+            outbox_backlog_max_bytes: 1024 * 1024 * 1024,
             relay_inflight_max: 100,
             relay_batch_max: 500,
             relay_heads_interval_ms: 5_000,
@@ -200,6 +212,15 @@ impl Config {
             return Err(bad(
                 "payload-max-bytes",
                 format!("must be between 1024 and {MQTT_PAYLOAD_MAX_BYTES}"),
+            ));
+        }
+        if self.outbox_backlog_max_events == 0 {
+            return Err(bad("outbox-backlog-max-events", "must be greater than 0"));
+        }
+        if self.outbox_backlog_max_bytes < self.payload_max_bytes as u64 {
+            return Err(bad(
+                "outbox-backlog-max-bytes",
+                "must be at least --payload-max-bytes",
             ));
         }
         if self.relay_inflight_max == 0 || self.relay_inflight_max > 10_000 {
@@ -312,6 +333,14 @@ mod tests {
         };
         expect("broker_url", d.broker_url.clone());
         expect("relay_inflight_max", d.relay_inflight_max.to_string());
+        expect(
+            "outbox_backlog_max_events",
+            d.outbox_backlog_max_events.to_string(),
+        );
+        expect(
+            "outbox_backlog_max_bytes",
+            d.outbox_backlog_max_bytes.to_string(),
+        );
         expect("payload_max_bytes", d.payload_max_bytes.to_string());
         expect("retention_ms", d.retention_ms.to_string());
         expect(

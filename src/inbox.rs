@@ -73,6 +73,8 @@ impl From<OutboxError> for HandlerError {
     fn from(e: OutboxError) -> Self {
         match e {
             OutboxError::Db(e) => e.into(),
+            // The handler's own events wait for the broker like any other: try later.
+            e @ OutboxError::BacklogFull { .. } => HandlerError::Transient(e.to_string()),
             other => HandlerError::Permanent(other.to_string()),
         }
     }

@@ -32,6 +32,19 @@ pub enum OutboxError {
         "event envelope is {size} bytes, more than the {max}-byte limit (--payload-max-bytes)"
     )]
     PayloadTooLarge { size: usize, max: usize },
+    /// The backlog of events not yet published reached its cap (the broker has been
+    /// unreachable for long): new events, and the writes they come with, are refused
+    /// until the relay catches up.
+    #[error(
+        "{events} events ({bytes} bytes) are waiting to be published, at the limit of {max_events} events or {max_bytes} bytes \
+         (--outbox-backlog-max-events, --outbox-backlog-max-bytes); nothing was written: retry once the broker is reachable"
+    )]
+    BacklogFull {
+        events: u64,
+        bytes: u64,
+        max_events: u64,
+        max_bytes: u64,
+    },
     #[error("event data cannot be serialised to JSON: {0}")]
     Serialize(#[from] serde_json::Error),
     #[error(transparent)]
@@ -74,6 +87,8 @@ pub struct Outbox {
     source: String,
     topics: Topics,
     payload_max_bytes: usize,
+    backlog_max_events: u64,
+    backlog_max_bytes: u64,
 }
 
 impl Outbox {
@@ -83,12 +98,24 @@ impl Outbox {
             source: config.source.clone(),
             topics: Topics::new(&config.topic_prefix),
             payload_max_bytes: config.payload_max_bytes,
+            backlog_max_events: config.outbox_backlog_max_events,
+            backlog_max_bytes: config.outbox_backlog_max_bytes,
         }
     }
 
     /// The producer name.
     pub fn source(&self) -> &str {
         &self.source
+    }
+
+    /// The backlog cap, in events.
+    pub fn backlog_max_events(&self) -> u64 {
+        self.backlog_max_events
+    }
+
+    /// The backlog cap, in bytes.
+    pub fn backlog_max_bytes(&self) -> u64 {
+        self.backlog_max_bytes
     }
 
     /// Writes `event` into the outbox inside `tx`: it commits or rolls back with the
@@ -148,6 +175,17 @@ impl Outbox {
                 max: self.payload_max_bytes,
             });
         }
+        let backlog = backlog(tx)?;
+        if backlog.events >= self.backlog_max_events
+            || backlog.bytes + payload.len() as u64 > self.backlog_max_bytes
+        {
+            return Err(OutboxError::BacklogFull {
+                events: backlog.events,
+                bytes: backlog.bytes,
+                max_events: self.backlog_max_events,
+                max_bytes: self.backlog_max_bytes,
+            });
+        }
         tx.prepare_cached(
             "INSERT INTO outbox (event_id, stream, seq, event_type, topic, payload, created_at_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -167,6 +205,24 @@ impl Outbox {
             seq,
         })
     }
+}
+
+/// Events enqueued and not yet published (replays excluded).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Backlog {
+    pub events: u64,
+    pub bytes: u64,
+}
+
+/// The backlog, as the triggers keep it.
+pub fn backlog(conn: &Connection) -> Result<Backlog, DbError> {
+    let (events, bytes): (i64, i64) = conn
+        .prepare_cached("SELECT events, bytes FROM outbox_backlog WHERE id = 1")?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(Backlog {
+        events: events as u64,
+        bytes: bytes as u64,
+    })
 }
 
 /// A pending outbox row, as the relay publishes it.
@@ -224,7 +280,7 @@ pub fn mark_published(tx: &Transaction, ids: &[i64]) -> Result<usize, DbError> {
 pub fn reset_for_replay(tx: &Transaction, stream: &str, from_seq: u64) -> Result<usize, DbError> {
     let n = tx
         .prepare_cached(
-            "UPDATE outbox SET published_at_ms = NULL
+            "UPDATE outbox SET published_at_ms = NULL, replayed = 1
              WHERE stream = ?1 AND seq >= ?2 AND published_at_ms IS NOT NULL",
         )?
         .execute(params![stream, from_seq.min(i64::MAX as u64) as i64])?;

@@ -539,3 +539,59 @@ async fn status_endpoints_show_the_outbox_and_refuse_bad_filters() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_full_backlog_refuses_writes_with_503_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = edge_outbox::Config {
+        outbox_backlog_max_events: 2,
+        ..config("mqtt://127.0.0.1:1", "user-service")
+    };
+    let path = dir.path().join("u.db");
+    let args = ServiceArgs {
+        db_path: path.clone(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        outbox: cfg.clone(),
+    };
+    let state = AppState {
+        db: service::open_database(&args, user_service::SCHEMA).unwrap(),
+        outbox: Outbox::new(&cfg),
+        relay: Arc::new(RelayStatus::default()),
+        consumer: Arc::new(ConsumerStatus::default()),
+    };
+    let api = Api {
+        app: service::app(user_service::routes(), state),
+        path,
+        _dir: dir,
+    };
+    for i in 0..2 {
+        assert_eq!(
+            api.post(
+                "/users",
+                &format!(r#"{{"name":"U","email":"u{i}@example.com"}}"#)
+            )
+            .await
+            .0,
+            StatusCode::CREATED
+        );
+    }
+    let (status, err) = api
+        .post("/users", r#"{"name":"U","email":"u9@example.com"}"#)
+        .await;
+    assert_eq!(
+        (status, err["error"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("backlog_full")),
+        "{err}"
+    );
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("nothing was written"),
+        "{err}"
+    );
+    assert_eq!(api.rows("users"), 2);
+    let (_, s) = api.call("GET", "/outbox", None, &[]).await;
+    assert_eq!(s["outbox"]["backlog"]["events"], 2);
+    assert_eq!(s["outbox"]["backlog"]["max_events"], 2);
+}

@@ -304,3 +304,74 @@ fn retention_deletes_only_old_published_rows_that_every_known_consumer_applied()
     assert_eq!(prune(100), 2);
     assert_eq!(left(&c), "6", "the pending row is never deleted");
 }
+
+#[test]
+fn the_backlog_counts_events_never_published_and_caps_new_ones_with_their_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = edge_outbox::Config {
+        outbox_backlog_max_events: 3,
+        ..config("mqtt://127.0.0.1:1", "cap")
+    };
+    let db = open_db(dir.path(), "b", &cfg);
+    let outbox = Outbox::new(&cfg);
+    let item = |name: &'static str| {
+        let o = outbox.clone();
+        db.writer().write_blocking(move |tx| {
+            tx.execute("INSERT INTO items (name) VALUES (?1)", [name])?;
+            o.enqueue(
+                tx,
+                NewEvent {
+                    stream: "s",
+                    event_type: "t.e",
+                    subject: None,
+                    data: &name,
+                },
+            )
+            .map(|e| e.seq)
+        })
+    };
+    let backlog = || outbox::backlog(&db.reader().unwrap()).unwrap();
+    for name in ["a", "b", "c"] {
+        item(name).unwrap();
+    }
+    assert_eq!(backlog().events, 3);
+    assert!(backlog().bytes > 3 * 100, "envelope bytes are counted");
+    let refused = item("d").unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            OutboxError::BacklogFull {
+                events: 3,
+                max_events: 3,
+                ..
+            }
+        ),
+        "{refused}"
+    );
+    assert!(
+        refused.to_string().contains("--outbox-backlog-max-events"),
+        "{refused}"
+    );
+    let path = db_path(dir.path(), "b");
+    assert_eq!(
+        count(&path, "SELECT COUNT(*) FROM items"),
+        3,
+        "the business write was refused with its event"
+    );
+
+    // Publishing drains it; a replay sets rows back to pending without counting them.
+    db.writer()
+        .write_blocking(|tx| outbox::mark_published(tx, &[1, 2, 3]))
+        .unwrap();
+    assert_eq!(backlog(), outbox::Backlog::default());
+    db.writer()
+        .write_blocking(|tx| outbox::reset_for_replay(tx, "s", 1))
+        .unwrap();
+    assert_eq!(backlog().events, 0, "replayed rows are already on disk");
+    db.writer()
+        .write_blocking(|tx| outbox::mark_published(tx, &[1, 2, 3]))
+        .unwrap();
+    assert_eq!(backlog().events, 0, "and are not subtracted twice");
+    assert_eq!(item("d").unwrap(), 4);
+    assert_eq!(backlog().events, 1);
+}

@@ -26,8 +26,34 @@ CREATE TABLE outbox (
     -- NULL while pending; set only after the broker's PUBACK for this row. A replay
     -- request sets it back to NULL so that the relay publishes the row again.
     published_at_ms INTEGER,
+    -- 1 once a replay set the row back to pending: it no longer counts in the backlog.
+    replayed        INTEGER NOT NULL DEFAULT 0 CHECK (replayed IN (0, 1)),
     UNIQUE (stream, seq)
 ) STRICT;
+
+-- The backlog: events enqueued and never published yet, kept by triggers so that the
+-- cap check at enqueue costs one row read (see --outbox-backlog-max-events). Rows set
+-- back to pending by a replay are already on disk and do not count.
+CREATE TABLE outbox_backlog (
+    id     INTEGER PRIMARY KEY CHECK (id = 1),
+    events INTEGER NOT NULL CHECK (events >= 0),
+    bytes  INTEGER NOT NULL CHECK (bytes >= 0)
+) STRICT;
+INSERT INTO outbox_backlog (id, events, bytes) VALUES (1, 0, 0);
+CREATE TRIGGER outbox_backlog_insert AFTER INSERT ON outbox WHEN NEW.published_at_ms IS NULL
+BEGIN
+    UPDATE outbox_backlog SET events = events + 1, bytes = bytes + length(NEW.payload) WHERE id = 1;
+END;
+CREATE TRIGGER outbox_backlog_published AFTER UPDATE OF published_at_ms ON outbox
+WHEN OLD.published_at_ms IS NULL AND NEW.published_at_ms IS NOT NULL AND OLD.replayed = 0
+BEGIN
+    UPDATE outbox_backlog SET events = events - 1, bytes = bytes - length(OLD.payload) WHERE id = 1;
+END;
+CREATE TRIGGER outbox_backlog_delete AFTER DELETE ON outbox
+WHEN OLD.published_at_ms IS NULL AND OLD.replayed = 0
+BEGIN
+    UPDATE outbox_backlog SET events = events - 1, bytes = bytes - length(OLD.payload) WHERE id = 1;
+END;
 
 -- The relay pages through pending rows in id order; this index holds only them.
 CREATE INDEX outbox_pending_by_id ON outbox (id) WHERE published_at_ms IS NULL;

@@ -118,6 +118,14 @@ impl From<OutboxError> for ApiError {
     fn from(e: OutboxError) -> ApiError {
         match e {
             OutboxError::Db(e) => e.into(),
+            e @ OutboxError::BacklogFull { .. } => {
+                tracing::warn!(error = %e, "write refused: outbox backlog full");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "backlog_full",
+                    e.to_string(),
+                )
+            }
             OutboxError::PayloadTooLarge { .. } => ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "event_too_large",

@@ -40,7 +40,7 @@ struct StreamStatus {
 }
 
 async fn outbox_status(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let (stats, streams, dead_letters) = state
+    let (stats, streams, dead_letters, backlog) = state
         .db
         .read(|c| {
             let heads = outbox::heads(c)?;
@@ -57,7 +57,7 @@ async fn outbox_status(State(state): State<AppState>) -> Result<Json<Value>, Api
                 );
             }
             let dead: i64 = c.query_row("SELECT COUNT(*) FROM dead_letters", [], |r| r.get(0))?;
-            Ok((outbox::stats(c)?, streams, dead))
+            Ok((outbox::stats(c)?, streams, dead, outbox::backlog(c)?))
         })
         .await?;
     let consumer = &state.consumer;
@@ -78,6 +78,7 @@ async fn outbox_status(State(state): State<AppState>) -> Result<Json<Value>, Api
             "pending": stats.pending,
             "published": stats.published,
             "oldest_pending_age_ms": stats.oldest_pending_age_ms,
+            "backlog": { "events": backlog.events, "bytes": backlog.bytes, "max_events": state.outbox.backlog_max_events(), "max_bytes": state.outbox.backlog_max_bytes() },
             "published_since_start": state.relay.marked_published(),
             "streams": streams,
         },
