@@ -13,7 +13,7 @@ use edge_outbox::consumer::ConsumerStatus;
 use edge_outbox::db::Schema;
 use edge_outbox::relay::RelayStatus;
 use edge_outbox::service::{self, AppState, ServiceArgs};
-use edge_outbox::{transaction_service, user_service, Outbox};
+use edge_outbox::{transaction_service, user_service, Config, Outbox};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use support::{config, count};
@@ -26,8 +26,17 @@ struct Api {
 }
 
 fn api(name: &str, schema: Schema, routes: Router<AppState>) -> Api {
+    api_with(name, schema, routes, |c| c)
+}
+
+fn api_with(
+    name: &str,
+    schema: Schema,
+    routes: Router<AppState>,
+    tweak: impl Fn(Config) -> Config,
+) -> Api {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config("mqtt://127.0.0.1:1", name);
+    let cfg = tweak(config("mqtt://127.0.0.1:1", name));
     let path = dir.path().join(format!("{name}.db"));
     let args = ServiceArgs {
         db_path: path.clone(),
@@ -542,28 +551,15 @@ async fn status_endpoints_show_the_outbox_and_refuse_bad_filters() {
 
 #[tokio::test]
 async fn a_full_backlog_refuses_writes_with_503_and_writes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = edge_outbox::Config {
-        outbox_backlog_max_events: 2,
-        ..config("mqtt://127.0.0.1:1", "user-service")
-    };
-    let path = dir.path().join("u.db");
-    let args = ServiceArgs {
-        db_path: path.clone(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        outbox: cfg.clone(),
-    };
-    let state = AppState {
-        db: service::open_database(&args, user_service::SCHEMA).unwrap(),
-        outbox: Outbox::new(&cfg),
-        relay: Arc::new(RelayStatus::default()),
-        consumer: Arc::new(ConsumerStatus::default()),
-    };
-    let api = Api {
-        app: service::app(user_service::routes(), state),
-        path,
-        _dir: dir,
-    };
+    let api = api_with(
+        "user-service",
+        user_service::SCHEMA,
+        user_service::routes(),
+        |c| Config {
+            outbox_backlog_max_events: 2,
+            ..c
+        },
+    );
     for i in 0..2 {
         assert_eq!(
             api.post(
