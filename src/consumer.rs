@@ -446,8 +446,17 @@ impl Processor<'_> {
             if head.first > position + 1 {
                 self.skip_unrecoverable(key.clone(), head.first).await;
             }
+            // The producer's word replaces what earlier messages suggested: a forged
+            // event far ahead must not keep a gap open (and replays coming) forever.
+            // Real events published since the announcement raise it again.
+            if let Some(gap) = self.gaps.get_mut(&key) {
+                gap.known = head.head;
+            }
             self.known(key, head.head);
         }
+        let positions = &self.positions;
+        self.gaps
+            .retain(|key, gap| positions.get(key).copied().unwrap_or(0) < gap.known);
         self.publish_status();
     }
 

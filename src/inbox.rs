@@ -30,6 +30,9 @@ use crate::envelope::CloudEvent;
 use crate::outbox::OutboxError;
 use crate::protocol::Topics;
 
+/// Bytes of a dead-lettered message kept at most; `payload_len` records its full size.
+pub const DEAD_LETTER_KEEP_MAX_BYTES: usize = 1024 * 1024;
+
 /// A handler's failure.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HandlerError {
@@ -341,7 +344,7 @@ fn insert_dead_letter(
     )?
     .execute(params![
         topic,
-        payload,
+        &payload[..payload.len().min(DEAD_LETTER_KEEP_MAX_BYTES)],
         payload.len() as i64,
         reason,
         key.map(|k| &k.source),

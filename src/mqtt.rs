@@ -6,6 +6,13 @@ use rumqttc::{AsyncClient, EventLoop, MqttOptions, NetworkOptions};
 
 use crate::config::{Config, ConfigError};
 
+/// Largest packet accepted from the broker. Larger than any valid event, so that an
+/// oversize message is received and dead-lettered by the inbox: a packet above the
+/// client's limit is a connection error, and the broker would redeliver it after every
+/// reconnect. Beyond this, only the broker's own `max_packet_size` (mosquitto.conf)
+/// protects the consumer.
+pub const INCOMING_PACKET_MAX_BYTES: usize = 16 * 1024 * 1024;
+
 /// Seconds allowed for the TCP connect and CONNACK, and for flushing a write.
 const CONNECT_TIMEOUT_S: u64 = 5;
 
@@ -26,7 +33,7 @@ pub fn client(
     // rumqttc's default (10 KiB) turns one larger message into an endless reconnect
     // loop; events up to --payload-max-bytes must pass both ways.
     let packet_max = config.mqtt_packet_max_bytes();
-    opts.set_max_packet_size(packet_max, packet_max);
+    opts.set_max_packet_size(packet_max.max(INCOMING_PACKET_MAX_BYTES), packet_max);
     opts.set_clean_session(clean_session);
     opts.set_manual_acks(manual_acks);
     opts.set_request_channel_capacity(request_capacity);

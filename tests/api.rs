@@ -36,8 +36,24 @@ fn api_with(
     tweak: impl Fn(Config) -> Config,
 ) -> Api {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = tweak(config("mqtt://127.0.0.1:1", name));
     let path = dir.path().join(format!("{name}.db"));
+    api_at(
+        dir,
+        path,
+        schema,
+        routes,
+        tweak(config("mqtt://127.0.0.1:1", name)),
+    )
+}
+
+/// A service whose database is at `path`; `dir` is kept as long as the service.
+fn api_at(
+    dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    schema: Schema,
+    routes: Router<AppState>,
+    cfg: Config,
+) -> Api {
     let args = ServiceArgs {
         db_path: path.clone(),
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -590,4 +606,103 @@ async fn a_full_backlog_refuses_writes_with_503_and_writes_nothing() {
     let (_, s) = api.call("GET", "/outbox", None, &[]).await;
     assert_eq!(s["outbox"]["backlog"]["events"], 2);
     assert_eq!(s["outbox"]["backlog"]["max_events"], 2);
+}
+
+/// A tmpfs mounted for one test, unmounted when dropped.
+struct SmallDisk(tempfile::TempDir);
+
+impl SmallDisk {
+    fn mount(size: &str) -> Result<SmallDisk, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        Ok(SmallDisk(dir))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn disk_full_refuses_writes_with_503_keeps_what_was_accepted_and_recovers_needs_root() {
+    let test = "disk_full_refuses_writes_with_503_keeps_what_was_accepted_and_recovers_needs_root";
+    if let Some(missing) = support::root_missing(&["mount", "umount"]) {
+        return support::skip(test, &missing);
+    }
+    let disk = match SmallDisk::mount("3m") {
+        Ok(d) => d,
+        Err(e) => return support::skip(test, &format!("cannot mount a tmpfs: {e}")),
+    };
+    let path = disk.0.path().join("user-service.db");
+    let cfg = config("mqtt://127.0.0.1:1", "user-service");
+    let api = api_at(
+        tempfile::tempdir().unwrap(),
+        path,
+        user_service::SCHEMA,
+        user_service::routes(),
+        cfg,
+    );
+    let user = |i: usize| format!(r#"{{"name":"U","email":"u{i}@example.com"}}"#);
+    for i in 0..3 {
+        assert_eq!(api.post("/users", &user(i)).await.0, StatusCode::CREATED);
+    }
+
+    // Fill the disk to the last byte.
+    let filler = disk.0.path().join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 4096];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+    }
+    let mut accepted = 3;
+    let mut refused = None;
+    for i in 3..200 {
+        let (status, body) = api.post("/users", &user(i)).await;
+        match status {
+            StatusCode::CREATED => accepted += 1,
+            _ => {
+                refused = Some((status, body));
+                break;
+            }
+        }
+    }
+    let (status, err) = refused.expect("a full disk refuses writes");
+    assert_eq!(
+        (status, err["error"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("storage_full")),
+        "{err}"
+    );
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("nothing was written"),
+        "{err}"
+    );
+    assert_eq!(
+        api.rows("users"),
+        accepted,
+        "everything acknowledged is still there"
+    );
+
+    // Space comes back: the service recovers by itself.
+    std::fs::remove_file(&filler).unwrap();
+    let (status, created) = api.post("/users", &user(999)).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert_eq!(api.rows("users"), accepted + 1);
+    assert_eq!(api.rows("outbox"), accepted + 1, "every user has its event");
 }

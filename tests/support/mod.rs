@@ -19,6 +19,10 @@ use tokio_util::sync::CancellationToken;
 /// A Mosquitto process owned by the test, killed when dropped.
 pub struct Broker {
     pub port: u16,
+    /// The address it listens on (loopback, or an address inside a test namespace).
+    pub host: String,
+    /// Command prefix, e.g. `ip netns exec NS` to run it inside a namespace.
+    prefix: Vec<String>,
     dir: tempfile::TempDir,
     extra_conf: String,
     child: Option<Child>,
@@ -45,9 +49,33 @@ impl Broker {
         );
         Broker {
             port: free_port(),
+            host: "127.0.0.1".into(),
+            prefix: Vec::new(),
             dir: tempfile::tempdir().unwrap(),
             extra_conf: extra_conf.to_owned(),
             child: None,
+        }
+    }
+
+    /// A running broker inside `ns`, listening on the namespace's address.
+    pub fn start_in(ns: &NetNs) -> Broker {
+        let mut b = Broker::reserve("user root");
+        b.host = ns.ns_ip.clone();
+        b.prefix = vec!["ip".into(), "netns".into(), "exec".into(), ns.name.clone()];
+        b.launch();
+        b
+    }
+
+    /// The process id, for signals.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("broker running").id()
+    }
+
+    /// Freezes (SIGSTOP) or resumes (SIGCONT) the broker.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        unsafe {
+            libc::kill(self.pid() as libc::pid_t, sig);
         }
     }
 
@@ -64,7 +92,7 @@ impl Broker {
     }
 
     pub fn url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.port)
+        format!("mqtt://{}:{}", self.host, self.port)
     }
 
     /// Starts (or restarts) the process on the same port; waits until it accepts.
@@ -76,8 +104,8 @@ impl Broker {
         std::fs::write(
             &conf,
             format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\nlog_dest stderr\nlog_type error\nlog_type warning\n{}\n",
-                self.port, self.extra_conf
+                "listener {} {}\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\nlog_dest stderr\nlog_type error\nlog_type warning\n{}\n",
+                self.port, self.host, self.extra_conf
             ),
         )
         .unwrap();
@@ -87,7 +115,15 @@ impl Broker {
         } else {
             "mosquitto"
         };
-        let child = Command::new(mosquitto)
+        let mut cmd = match self.prefix.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(mosquitto);
+                c
+            }
+            None => Command::new(mosquitto),
+        };
+        let child = cmd
             .arg("-c")
             .arg(&conf)
             .stdout(Stdio::null())
@@ -96,7 +132,7 @@ impl Broker {
             .expect("starting mosquitto");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        while TcpStream::connect((self.host.as_str(), self.port)).is_err() {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 let log = std::fs::read_to_string(self.dir.path().join("mosquitto.log"))
                     .unwrap_or_default();
@@ -444,5 +480,130 @@ impl Pair {
         wait_for("consumer connected", 10, || status.connected()).await;
         tokio::time::sleep(Duration::from_millis(100)).await; // the SUBACK
         consumer.stop().await;
+    }
+}
+
+/// Says loudly that a test did not run, and why. Tests that can skip have
+/// `needs_root` in their name; .config/nextest.toml shows their output even when they
+/// pass, so that a skip is never silent.
+pub fn skip(test: &str, missing: &str) {
+    eprintln!("SKIPPED {test}: {missing}");
+}
+
+/// Why root-only tests cannot run here, if they cannot.
+pub fn root_missing(tools: &[&str]) -> Option<String> {
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("needs root".into());
+    }
+    let missing: Vec<&str> = tools
+        .iter()
+        .copied()
+        .filter(|t| {
+            !Command::new("sh")
+                .args(["-c", &format!("command -v {t} || test -x /usr/sbin/{t}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .collect();
+    (!missing.is_empty()).then(|| {
+        format!(
+            "needs {} (apt-get install iproute2 iptables)",
+            missing.join(", ")
+        )
+    })
+}
+
+/// A network namespace joined to the host by a veth pair: a second host whose traffic
+/// the test can drop with iptables (a black hole). Removed when dropped.
+pub struct NetNs {
+    pub name: String,
+    pub host_ip: String,
+    pub ns_ip: String,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+impl NetNs {
+    pub fn create() -> Result<NetNs, String> {
+        let id = std::process::id() % 60_000;
+        let name = format!("eo{id}");
+        let (host_if, ns_if) = (format!("eoh{id}"), format!("eon{id}"));
+        let net = format!("10.{}.{}", 100 + id / 250 % 100, id % 250);
+        let ns = NetNs {
+            name: name.clone(),
+            host_ip: format!("{net}.1"),
+            ns_ip: format!("{net}.2"),
+        };
+        ip(&["netns", "add", &name])?;
+        ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
+        ])?;
+        ip(&["link", "set", &ns_if, "netns", &name])?;
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/30", ns.host_ip),
+            "dev",
+            &host_if,
+        ])?;
+        ip(&["link", "set", &host_if, "up"])?;
+        ip(&[
+            "netns",
+            "exec",
+            &name,
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/30", ns.ns_ip),
+            "dev",
+            &ns_if,
+        ])?;
+        ip(&["netns", "exec", &name, "ip", "link", "set", &ns_if, "up"])?;
+        ip(&["netns", "exec", &name, "ip", "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// Drops (`true`) or stops dropping (`false`) every TCP packet to `port` inside the
+    /// namespace: no RST, no answer, a black hole.
+    pub fn black_hole(&self, port: u16, on: bool) {
+        let action = if on { "-I" } else { "-D" };
+        let port = port.to_string();
+        for chain in ["INPUT", "OUTPUT"] {
+            let flag = if chain == "INPUT" {
+                "--dport"
+            } else {
+                "--sport"
+            };
+            let status = Command::new("ip")
+                .args([
+                    "netns", "exec", &self.name, "iptables", action, chain, "-p", "tcp", flag,
+                    &port, "-j", "DROP",
+                ])
+                .status()
+                .unwrap();
+            assert!(status.success(), "iptables {action} {chain} failed");
+        }
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes its end of the veth pair, and so the pair.
+        let _ = ip(&["netns", "del", &self.name]);
     }
 }
