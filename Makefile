@@ -7,13 +7,14 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 USERS := http://127.0.0.1:8081
 LEDGER := http://127.0.0.1:8082
 
-.PHONY: help deps build run-all watch demo verify test clean
+.PHONY: help deps build run-all watch demo demo-offline verify test clean
 
 help:
 	@echo "make run-all  install Mosquitto if missing, build, run the broker and both services (Ctrl-C stops all)"
 	@echo "make test     install Mosquitto if missing, run every test against real brokers and databases"
 	@echo "make watch    print every event on the broker (needs run-all in another terminal)"
 	@echo "make demo     create a user and follow its events step by step (needs run-all)"
+	@echo "make demo-offline  a box of its own keeps working with its broker stopped, then drains"
 	@echo "make verify   check the cross-service invariants of ./data (after the box drained)"
 	@echo "make build    build in release mode"
 	@echo "make clean    remove build output and ./data"
@@ -35,6 +36,10 @@ run-all: deps build
 	@mkdir -p data/mosquitto
 	@if [ "$$(id -u)" = 0 ] && id mosquitto >/dev/null 2>&1; then chown mosquitto data/mosquitto; fi
 	@PATH="$$PATH:/usr/sbin" $(BIN)/edge-outbox run-all
+
+# Runs a box of its own on free ports (data in data/demo-offline); needs no run-all.
+demo-offline: deps build
+	@PATH="$$PATH:/usr/sbin" $(BIN)/edge-outbox demo-offline
 
 watch:
 	mosquitto_sub -h 127.0.0.1 -p 1883 -v -t 'edge-outbox/events/#'

@@ -30,6 +30,7 @@ pub mod clock;
 pub mod config;
 pub mod consumer;
 pub mod db;
+pub mod demo_offline;
 pub mod envelope;
 pub mod inbox;
 pub mod mqtt;

@@ -36,17 +36,36 @@ pub struct RunAll {
     pub stop_timeout_s: u64,
 }
 
-struct Proc {
-    name: &'static str,
-    child: Child,
+/// A child process of the box.
+pub(crate) struct Proc {
+    pub(crate) name: &'static str,
+    pub(crate) child: Child,
 }
 
-fn spawn(name: &'static str, cmd: &mut Command) -> anyhow::Result<Proc> {
-    cmd.stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .stdin(Stdio::null())
-        .process_group(0)
-        .kill_on_drop(true);
+/// Where a child's output goes.
+pub(crate) enum Output {
+    /// Printed, each line prefixed with the child's name.
+    Prefixed,
+    /// Appended to a file.
+    File(PathBuf),
+}
+
+/// Starts `cmd` in its own process group (a terminal's Ctrl-C reaches only us).
+pub(crate) fn spawn(name: &'static str, cmd: &mut Command, output: Output) -> anyhow::Result<Proc> {
+    cmd.stdin(Stdio::null()).process_group(0).kill_on_drop(true);
+    match &output {
+        Output::Prefixed => {
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        }
+        Output::File(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            cmd.stdout(file.try_clone()?).stderr(file);
+        }
+    }
     let mut child = cmd
         .spawn()
         .with_context(|| format!("cannot start {name}"))?;
@@ -56,7 +75,9 @@ fn spawn(name: &'static str, cmd: &mut Command) -> anyhow::Result<Proc> {
     if let Some(err) = child.stderr.take() {
         tokio::spawn(prefix_lines(name, err));
     }
-    println!("[run-all] started {name} (pid {})", child.id().unwrap_or(0));
+    if matches!(output, Output::Prefixed) {
+        println!("[run-all] started {name} (pid {})", child.id().unwrap_or(0));
+    }
     Ok(Proc { name, child })
 }
 
@@ -68,17 +89,17 @@ async fn prefix_lines(name: &'static str, stream: impl AsyncRead + Unpin) {
 }
 
 /// SIGTERM, then SIGKILL after `timeout`.
-async fn stop(p: &mut Proc, timeout: Duration) {
+pub(crate) async fn stop(p: &mut Proc, timeout: Duration) {
     let Some(pid) = p.child.id() else { return };
     // SAFETY: kill(2) on a child we spawned and have not reaped: the pid is ours.
     unsafe {
         libc::kill(pid as libc::pid_t, libc::SIGTERM);
     }
     match tokio::time::timeout(timeout, p.child.wait()).await {
-        Ok(Ok(status)) => println!("[run-all] {} stopped ({status})", p.name),
+        Ok(Ok(status)) => println!("[box] {} stopped ({status})", p.name),
         _ => {
             println!(
-                "[run-all] {} did not stop within {timeout:?}: killing it",
+                "[box] {} did not stop within {timeout:?}: killing it",
                 p.name
             );
             let _ = p.child.kill().await;
@@ -86,7 +107,8 @@ async fn stop(p: &mut Proc, timeout: Duration) {
     }
 }
 
-async fn wait_listening(addr: &str, broker: &mut Proc) -> anyhow::Result<()> {
+/// Waits until `addr` accepts connections, failing if `broker` exits first.
+pub(crate) async fn wait_listening(addr: &str, broker: &mut Proc) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
@@ -126,6 +148,7 @@ pub async fn run(opts: RunAll) -> anyhow::Result<()> {
         Command::new(&opts.mosquitto)
             .arg("-c")
             .arg(&opts.mosquitto_conf),
+        Output::Prefixed,
     )?;
     wait_listening(&opts.broker_addr, &mut broker).await?;
     let mut services = Vec::new();
@@ -138,7 +161,7 @@ pub async fn run(opts: RunAll) -> anyhow::Result<()> {
                 path.display()
             );
         }
-        services.push(spawn(name, &mut Command::new(path))?);
+        services.push(spawn(name, &mut Command::new(path), Output::Prefixed)?);
     }
     println!("[run-all] the box is up: user-service on 127.0.0.1:8081, transaction-service on 127.0.0.1:8082; Ctrl-C stops everything");
 

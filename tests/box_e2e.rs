@@ -297,3 +297,37 @@ fn verify_refuses_missing_or_foreign_databases_with_exit_code_2() {
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("is not a user-service database"), "{out}");
 }
+
+#[test]
+fn the_offline_demo_runs_to_the_end_and_its_verify_passes() {
+    support::Broker::reserve(""); // fails loudly when mosquitto is missing
+    let dir = tempfile::tempdir().unwrap();
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_user-service"))
+        .parent()
+        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_edge-outbox"))
+        .args([
+            "demo-offline",
+            "--dir",
+            dir.path().join("demo").to_str().unwrap(),
+        ])
+        .arg("--bin-dir")
+        .arg(bin_dir)
+        .env(
+            "PATH",
+            format!("{}:/usr/sbin", std::env::var("PATH").unwrap_or_default()),
+        )
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("POST /users -> 201, user 8; user-service outbox: 5 pending"),
+        "{text}"
+    );
+    assert!(text.contains("verify: all 9 checks passed"), "{text}");
+}

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use edge_outbox::demo_offline::{self, DemoOffline};
 use edge_outbox::run_all::{self, RunAll};
 use edge_outbox::verify::{self, Target};
 
@@ -49,6 +50,10 @@ enum Cmd {
     /// Run Mosquitto (with ./mosquitto.conf) and both services, their output prefixed
     /// with their names; Ctrl-C stops them all cleanly.
     RunAll(RunAll),
+    /// Offline first, step by step: a box of its own keeps accepting writes while its
+    /// broker is stopped, then drains the backlog in order when it returns; ends with
+    /// verify. Exits non-zero if any step fails.
+    DemoOffline(DemoOffline),
 }
 
 fn main() -> ExitCode {
@@ -88,19 +93,29 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::RunAll(opts) => {
-            edge_outbox::service::init_tracing();
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .expect("tokio runtime");
-            match rt.block_on(run_all::run(opts)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("run-all: error: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+        Cmd::RunAll(opts) => block_on("run-all", run_all::run(opts)),
+        Cmd::DemoOffline(opts) => block_on("demo-offline", demo_offline::run(opts)),
+    }
+}
+
+/// Runs an async command; an error is printed with its causes and exits 1.
+fn block_on(name: &str, f: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    edge_outbox::service::init_tracing();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{name}: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(f) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: error: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }
