@@ -35,6 +35,7 @@ pub mod envelope;
 pub mod inbox;
 pub mod mqtt;
 pub mod outbox;
+pub mod power_cut;
 pub mod protocol;
 pub mod relay;
 pub mod retry;

@@ -93,8 +93,9 @@ pub struct Relay {
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-/// A read of pending rows: the wake generation it started at, its limit, its rows.
-type FetchResult = (u64, usize, Result<Vec<PendingRow>, DbError>);
+/// A read of pending rows: the (wake, rewind) generations it started at, its limit,
+/// its rows.
+type FetchResult = ((u64, u64), usize, Result<Vec<PendingRow>, DbError>);
 /// A mark of PUBACKed rows: the row ids and the outcome.
 type MarkResult = (Vec<i64>, Result<usize, DbError>);
 
@@ -125,6 +126,10 @@ struct State {
     /// Bumped by every wake-up, so that a fetch that started before a commit does not
     /// conclude that nothing is left.
     wake_gen: u64,
+    /// Bumped by every rewind. A fetch that started before a rewind is discarded:
+    /// its rows would move the cursor past rows the rewind made pending again
+    /// (found by `make power-cut`: replayed rows were stranded until the next rewind).
+    rewinds: u64,
     connected: bool,
     last_data_version: Option<i64>,
     last_replay: HashMap<String, Instant>,
@@ -139,7 +144,33 @@ impl State {
     /// Start publishing from the first pending row again.
     fn rewind(&mut self) {
         self.cursor = 0;
+        self.rewinds += 1;
         self.wake();
+    }
+
+    /// The generations a fetch starting now records.
+    fn generations(&self) -> (u64, u64) {
+        (self.wake_gen, self.rewinds)
+    }
+
+    /// A fetch that started at `generations` with `limit` returned `rows`: the rows to
+    /// publish, or None when a rewind happened meanwhile (they are fetched again from
+    /// the start). Also decides whether more rows may be pending.
+    fn fetched(
+        &mut self,
+        generations: (u64, u64),
+        limit: usize,
+        rows: Vec<PendingRow>,
+    ) -> Option<Vec<PendingRow>> {
+        let (wake_gen, rewinds) = generations;
+        if rewinds != self.rewinds {
+            self.maybe_more = true;
+            return None;
+        }
+        if rows.len() < limit && wake_gen == self.wake_gen {
+            self.maybe_more = false;
+        }
+        Some(rows)
     }
 
     /// The connection is gone: rows waiting for a PUBACK will be published again.
@@ -213,6 +244,7 @@ impl Relay {
             cursor: 0,
             maybe_more: true,
             wake_gen: 0,
+            rewinds: 0,
             connected: false,
             last_data_version: None,
             last_replay: HashMap::new(),
@@ -242,12 +274,12 @@ impl Relay {
                 && st.correlator.len() < window
             {
                 let limit = cfg.relay_batch_max.min(window - st.correlator.len());
-                let (after, wake_gen, db) = (st.cursor, st.wake_gen, self.db.clone());
+                let (after, generations, db) = (st.cursor, st.generations(), self.db.clone());
                 fetch = Some(Box::pin(async move {
                     let rows = db
                         .read(move |c| outbox::fetch_pending(c, after, limit))
                         .await;
-                    (wake_gen, limit, rows)
+                    (generations, limit, rows)
                 }));
             }
             if mark.is_none() && !st.acked.is_empty() && mark_retry_at.is_none() {
@@ -327,16 +359,15 @@ impl Relay {
                         }
                     }
                 },
-                (wake_gen, limit, rows) = maybe(&mut fetch) => {
+                (generations, limit, rows) = maybe(&mut fetch) => {
                     fetch = None;
                     match rows {
                         Ok(rows) => {
                             db_log.reset();
-                            let fetched = rows.len();
-                            if !self.publish_rows(rows, &client, &mut st) {
-                                st.maybe_more = true;
-                            } else if fetched < limit && wake_gen == st.wake_gen {
-                                st.maybe_more = false;
+                            if let Some(rows) = st.fetched(generations, limit, rows) {
+                                if !self.publish_rows(rows, &client, &mut st) {
+                                    st.maybe_more = true;
+                                }
                             }
                         }
                         Err(e) => {
@@ -540,6 +571,64 @@ impl Relay {
                 .await;
             let _ = tx.send(Side::Recorded(result)).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> State {
+        State {
+            correlator: Correlator::default(),
+            acked: Vec::new(),
+            sent: HashSet::new(),
+            cursor: 0,
+            maybe_more: true,
+            wake_gen: 0,
+            rewinds: 0,
+            connected: true,
+            last_data_version: None,
+            last_replay: HashMap::new(),
+        }
+    }
+
+    fn row(id: i64) -> PendingRow {
+        PendingRow {
+            id,
+            event_id: id.to_string(),
+            stream: "s".into(),
+            seq: id as u64,
+            topic: "t".into(),
+            payload: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_fetch_that_started_before_a_rewind_is_discarded() {
+        let mut st = state();
+        let started = st.generations();
+        st.rewind(); // a replay set rows back to pending while the fetch ran
+        assert!(st.fetched(started, 10, vec![row(7), row(8)]).is_none());
+        assert_eq!(st.cursor, 0, "the cursor stays where the rewind put it");
+        assert!(st.maybe_more, "the rows are fetched again from the start");
+    }
+
+    #[test]
+    fn a_short_fetch_means_nothing_more_unless_a_commit_woke_the_relay_meanwhile() {
+        let mut st = state();
+        let started = st.generations();
+        assert_eq!(
+            st.fetched(started, 10, vec![row(1)]).map(|r| r.len()),
+            Some(1)
+        );
+        assert!(!st.maybe_more);
+
+        st.maybe_more = true;
+        let started = st.generations();
+        st.wake(); // a commit landed during the read
+        st.fetched(started, 10, vec![row(2)]);
+        assert!(st.maybe_more, "the commit may not be in what was read");
     }
 }
 
