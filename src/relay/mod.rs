@@ -574,6 +574,25 @@ impl Relay {
     }
 }
 
+/// Retention, in batches of [`PRUNE_BATCH_ROWS`] so that it never holds the writer
+/// for long. Returns how many rows it deleted.
+async fn prune_all(
+    writer: &crate::writer::Writer,
+    retention_ms: u64,
+    expiry_ms: u64,
+) -> Result<usize, DbError> {
+    let mut total = 0;
+    loop {
+        let n = writer
+            .write(move |t| outbox::prune(t, retention_ms, expiry_ms, PRUNE_BATCH_ROWS))
+            .await?;
+        total += n;
+        if n < PRUNE_BATCH_ROWS {
+            return Ok(total);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -629,24 +648,5 @@ mod tests {
         st.wake(); // a commit landed during the read
         st.fetched(started, 10, vec![row(2)]);
         assert!(st.maybe_more, "the commit may not be in what was read");
-    }
-}
-
-/// Retention, in batches of [`PRUNE_BATCH_ROWS`] so that it never holds the writer
-/// for long. Returns how many rows it deleted.
-async fn prune_all(
-    writer: &crate::writer::Writer,
-    retention_ms: u64,
-    expiry_ms: u64,
-) -> Result<usize, DbError> {
-    let mut total = 0;
-    loop {
-        let n = writer
-            .write(move |t| outbox::prune(t, retention_ms, expiry_ms, PRUNE_BATCH_ROWS))
-            .await?;
-        total += n;
-        if n < PRUNE_BATCH_ROWS {
-            return Ok(total);
-        }
     }
 }
