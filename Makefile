@@ -7,7 +7,10 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 USERS := http://127.0.0.1:8081
 LEDGER := http://127.0.0.1:8082
 
-.PHONY: help deps build run-all watch demo demo-offline verify test clean
+.PHONY: help deps build run-all watch demo demo-offline power-cut verify test clean
+
+CYCLES ?= 20
+MODE ?= power
 
 help:
 	@echo "make run-all  install Mosquitto if missing, build, run the broker and both services (Ctrl-C stops all)"
@@ -15,6 +18,7 @@ help:
 	@echo "make watch    print every event on the broker (needs run-all in another terminal)"
 	@echo "make demo     create a user and follow its events step by step (needs run-all)"
 	@echo "make demo-offline  a box of its own keeps working with its broker stopped, then drains"
+	@echo "make power-cut  CYCLES=20 power cuts under load (root, loop devices), then check; MODE=kill kills one component at a time"
 	@echo "make verify   check the cross-service invariants of ./data (after the box drained)"
 	@echo "make build    build in release mode"
 	@echo "make clean    remove build output and ./data"
@@ -40,6 +44,10 @@ run-all: deps build
 # Runs a box of its own on free ports (data in data/demo-offline); needs no run-all.
 demo-offline: deps build
 	@PATH="$$PATH:/usr/sbin" $(BIN)/edge-outbox demo-offline
+
+# Needs root and loop devices for MODE=power (it says SKIPPED otherwise).
+power-cut: deps build
+	@PATH="$$PATH:/usr/sbin:/sbin" $(BIN)/edge-outbox power-cut --cycles $(CYCLES) --mode $(MODE)
 
 watch:
 	mosquitto_sub -h 127.0.0.1 -p 1883 -v -t 'edge-outbox/events/#'

@@ -84,12 +84,22 @@ impl DbError {
     }
 
     /// True when trying again later may succeed: the database was busy or locked by
-    /// another process, or the disk was full.
+    /// another process, the disk was full, or an I/O error left the outcome unknown.
     pub fn is_retryable(&self) -> bool {
         matches!(
             self.code(),
-            Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked | ErrorCode::DiskFull)
+            Some(
+                ErrorCode::DatabaseBusy
+                    | ErrorCode::DatabaseLocked
+                    | ErrorCode::DiskFull
+                    | ErrorCode::SystemIoFailure
+            )
         ) || matches!(self, DbError::Pool(_))
+    }
+
+    /// True for an I/O error: a failed commit may or may not have reached the disk.
+    pub fn is_io_error(&self) -> bool {
+        self.code() == Some(ErrorCode::SystemIoFailure)
     }
 
     /// True when the disk (or the database's size limit) is full.

@@ -117,6 +117,10 @@ struct Acks {
     /// (transaction id, user id, amount, kind).
     transactions: Mutex<Vec<(i64, i64, i64, String)>>,
     retries: AtomicU64,
+    /// Requests abandoned after RETRIES_MAX attempts (their outcome unknown).
+    gave_up: AtomicU64,
+    /// Non-2xx answers by status, retried or not.
+    answers: Mutex<std::collections::BTreeMap<u16, u64>>,
 }
 
 /// The box under test: where it keeps its data and how to (re)start its processes.
@@ -249,6 +253,21 @@ impl Box_ {
     /// Freeze, shut the filesystem down without flushing, kill, remount, restart.
     async fn cut_power(&mut self) -> anyhow::Result<()> {
         self.signal_all(libc::SIGSTOP);
+        // kill(2) returns before every thread has stopped: wait for all of them, so
+        // that no thread sees the filesystem die (a powered-off machine runs nothing).
+        let pids: Vec<u32> = self
+            .procs
+            .iter()
+            .flatten()
+            .filter_map(|p| p.child.id())
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !pids.iter().all(|pid| all_threads_stopped(*pid)) {
+            if Instant::now() > deadline {
+                bail!("the box's processes did not all stop within 2 s of SIGSTOP");
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         {
             let dir = std::fs::File::open(&self.mnt).context("opening the mount point")?;
             let flags = FS_SHUTDOWN_NOLOGFLUSH;
@@ -280,6 +299,23 @@ impl Box_ {
     }
 }
 
+/// True when every thread of `pid` is stopped (state `T` in /proc).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return true; // gone
+    };
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat"))
+            .map(|stat| {
+                // The state follows the command name, which is in parentheses.
+                stat.rsplit_once(") ")
+                    .and_then(|(_, rest)| rest.chars().next())
+                    .is_some_and(|state| state == 'T' || state == 't')
+            })
+            .unwrap_or(true)
+    })
+}
+
 async fn wait_healthy(base: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -301,25 +337,38 @@ async fn wait_healthy(base: &str) -> anyhow::Result<()> {
     }
 }
 
-/// Sends `body` until a definitive answer (anything but a transport error or a 503),
-/// with the same `Idempotency-Key` every time.
+/// Retries of one request at most (100 ms apart) before the client gives up on it.
+const RETRIES_MAX: u32 = 600;
+
+/// Sends `body` until a definitive answer, with the same `Idempotency-Key` every time,
+/// as a careful client does: a transport error or any 5xx leaves the outcome unknown
+/// (the write may have committed), so it asks again. Every non-2xx final answer is
+/// counted by status, so that the summary shows what the clients saw.
 fn send(agent: &ureq::Agent, url: &str, key: &str, body: &Value, acks: &Acks) -> (u16, Value) {
-    loop {
+    for _ in 0..RETRIES_MAX {
         let res = agent
             .post(url)
             .set("Idempotency-Key", key)
             .send_json(body.clone());
         match res {
             Ok(r) => return (r.status(), r.into_json().unwrap_or(Value::Null)),
-            Err(ureq::Error::Status(503, _)) | Err(ureq::Error::Transport(_)) => {
+            Err(ureq::Error::Status(code, r)) if code < 500 => {
+                *acks.answers.lock().unwrap().entry(code).or_default() += 1;
+                return (code, r.into_json().unwrap_or(Value::Null));
+            }
+            Err(ureq::Error::Status(code, _)) => {
+                *acks.answers.lock().unwrap().entry(code).or_default() += 1;
                 acks.retries.fetch_add(1, Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(100));
             }
-            Err(ureq::Error::Status(code, r)) => {
-                return (code, r.into_json().unwrap_or(Value::Null))
+            Err(ureq::Error::Transport(_)) => {
+                acks.retries.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(100));
             }
         }
     }
+    acks.gave_up.fetch_add(1, Ordering::Relaxed);
+    (0, Value::Null)
 }
 
 /// One client: creates users and transactions until `stop`, finishing the request in
@@ -582,6 +631,32 @@ fn check(b: &Box_, acks: &Acks) -> anyhow::Result<String> {
             distinct_users.len(),
             distinct_transactions.len()
         ));
+        let mut stmt = ledger_db.prepare("SELECT id, user_id, amount_cents, kind, created_at FROM transactions WHERE welcome = 0 ORDER BY id")?;
+        let extra: Vec<String> = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                ))
+            })?
+            .filter_map(Result::ok)
+            .filter(|t| !distinct_transactions.contains(&t.0))
+            .take(10)
+            .map(|t| format!("{t:?}"))
+            .collect();
+        violations.push(format!(
+            "unacknowledged ledger rows (first 10): {}",
+            extra.join(", ")
+        ));
+    }
+    let gave_up = acks.gave_up.load(Ordering::Relaxed);
+    if gave_up > 0 {
+        violations.push(format!(
+            "{gave_up} requests were abandoned after {RETRIES_MAX} attempts"
+        ));
     }
     let pending_in = |db: &Connection| {
         db.query_row(
@@ -601,11 +676,12 @@ fn check(b: &Box_, acks: &Acks) -> anyhow::Result<String> {
         violations.push(format!("verify: {}: {}", c.name, c.detail));
     }
     let summary = format!(
-        "power-cut: mode={:?} cycles={} acknowledged={} lost={lost} duplicated={duplicated} pending={pending} client_retries={}",
+        "power-cut: mode={:?} cycles={} acknowledged={} lost={lost} duplicated={duplicated} pending={pending} client_retries={} other_answers={:?}",
         b.opts.mode,
         b.opts.cycles,
         users.len() + transactions.len(),
-        acks.retries.load(Ordering::Relaxed)
+        acks.retries.load(Ordering::Relaxed),
+        acks.answers.lock().unwrap()
     )
     .to_lowercase();
     if violations.is_empty() && users.len() + transactions.len() > 0 {

@@ -331,3 +331,61 @@ fn the_offline_demo_runs_to_the_end_and_its_verify_passes() {
     );
     assert!(text.contains("verify: all 9 checks passed"), "{text}");
 }
+
+/// Runs `edge-outbox power-cut` with `args`; returns its output, or None when it
+/// skipped (said loudly).
+fn power_cut(test: &str, args: &[&str]) -> Option<String> {
+    support::Broker::reserve(""); // fails loudly when mosquitto is missing
+    let dir = tempfile::tempdir().unwrap();
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_user-service"))
+        .parent()
+        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_edge-outbox"))
+        .arg("power-cut")
+        .args(args)
+        .args(["--dir", dir.path().join("pc").to_str().unwrap()])
+        .arg("--bin-dir")
+        .arg(bin_dir)
+        .env(
+            "PATH",
+            format!(
+                "{}:/usr/sbin:/sbin",
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if let Some(line) = text.lines().find(|l| l.contains("SKIPPED")) {
+        support::skip(test, line);
+        return None;
+    }
+    assert!(out.status.success(), "{text}");
+    Some(text)
+}
+
+#[test]
+fn power_cuts_under_load_lose_no_acknowledged_request_needs_root() {
+    let test = "power_cuts_under_load_lose_no_acknowledged_request_needs_root";
+    if let Some(text) = power_cut(test, &["--cycles", "5"]) {
+        assert!(
+            text.contains("cycles=5") && text.contains("lost=0 duplicated=0 pending=0"),
+            "{text}"
+        );
+        eprintln!("{}", text.lines().last().unwrap_or_default());
+    }
+}
+
+#[test]
+fn killing_one_component_at_a_time_under_load_loses_nothing() {
+    let text =
+        power_cut("", &["--mode", "kill", "--cycles", "6"]).expect("kill mode needs no root");
+    assert!(
+        text.contains("mode=kill cycles=6") && text.contains("lost=0 duplicated=0 pending=0"),
+        "{text}"
+    );
+}

@@ -95,6 +95,13 @@ impl From<DbError> for ApiError {
                 "storage_full",
                 "the disk is full; nothing was written, try again later",
             )
+        } else if e.is_io_error() {
+            tracing::error!(error = %e, "write failed: disk I/O error");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage_error",
+                "the disk reported an I/O error; the write may or may not have been kept: retry with the same Idempotency-Key",
+            )
         } else if e.is_retryable() {
             tracing::warn!(error = %e, "write refused: database busy");
             ApiError::new(
