@@ -7,7 +7,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 USERS := http://127.0.0.1:8081
 LEDGER := http://127.0.0.1:8082
 
-.PHONY: help deps build run-all watch demo demo-offline power-cut verify test clean
+.PHONY: help deps build run-all watch demo demo-offline power-cut bench verify test clean
 
 CYCLES ?= 20
 MODE ?= power
@@ -19,6 +19,7 @@ help:
 	@echo "make demo     create a user and follow its events step by step (needs run-all)"
 	@echo "make demo-offline  a box of its own keeps working with its broker stopped, then drains"
 	@echo "make power-cut  CYCLES=20 power cuts under load (root, loop devices), then check; MODE=kill kills one component at a time"
+	@echo "make bench    throughput and latency against the disk and the broker (quick; BENCH=full for longer)"
 	@echo "make verify   check the cross-service invariants of ./data (after the box drained)"
 	@echo "make build    build in release mode"
 	@echo "make clean    remove build output and ./data"
@@ -48,6 +49,10 @@ demo-offline: deps build
 # Needs root and loop devices for MODE=power (it says SKIPPED otherwise).
 power-cut: deps build
 	@PATH="$$PATH:/usr/sbin:/sbin" $(BIN)/edge-outbox power-cut --cycles $(CYCLES) --mode $(MODE)
+
+# Quick mode takes about 3 minutes; BENCH=full runs 100,000 events per figure.
+bench: deps
+	BENCH=$(BENCH) $(CARGO) bench --locked --bench box
 
 watch:
 	mosquitto_sub -h 127.0.0.1 -p 1883 -v -t 'edge-outbox/events/#'

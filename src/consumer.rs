@@ -14,7 +14,7 @@
 //! and from the producer's head announcements) and asks the producer to replay when
 //! its position has not reached it for `--consumer-gap-timeout-ms`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -37,6 +37,8 @@ use crate::retry::{Backoff, LogLimiter};
 /// Messages buffered between the poller and the processor. The broker sends at most
 /// its `max_inflight_messages` unacknowledged QoS1 messages, so this rarely fills.
 const RECEIVE_QUEUE_MAX: usize = 1_024;
+/// How soon acks that rumqttc's full queue refused are offered again.
+const ACK_RETRY: Duration = Duration::from_millis(5);
 /// Time given to the acks and the DISCONNECT on shutdown.
 const DISCONNECT_TIMEOUT: Duration = Duration::from_millis(1_000);
 /// Rows deleted per inbox retention transaction at most.
@@ -73,6 +75,7 @@ impl StreamProgress {
 #[derive(Debug, Default)]
 pub struct ConsumerStatus {
     connected: AtomicBool,
+    received: AtomicU64,
     applied: AtomicU64,
     duplicates: AtomicU64,
     dead_lettered: AtomicU64,
@@ -83,6 +86,10 @@ pub struct ConsumerStatus {
 impl ConsumerStatus {
     pub fn connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
+    }
+    /// Event messages taken for applying since start (applied or not).
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
     }
     /// Events applied since start.
     pub fn applied(&self) -> u64 {
@@ -224,6 +231,7 @@ impl Consumer {
             dead_log: LogLimiter::new(Duration::from_secs(10)),
             db_log: LogLimiter::new(Duration::from_secs(60)),
             backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(5)),
+            unacked: VecDeque::new(),
         };
         p.publish_status();
         let gap_every = Duration::from_millis((cfg.consumer_gap_timeout_ms / 2).max(10));
@@ -245,7 +253,10 @@ impl Consumer {
                         match item {
                             Received::Connected => p.report_positions(),
                             Received::Message(m) if topics.parse_heads(&m.topic).is_some() => p.on_heads(&m).await,
-                            Received::Message(m) => batch.push(m),
+                            Received::Message(m) => {
+                                self.status.received.fetch_add(1, Ordering::Relaxed);
+                                batch.push(m)
+                            }
                         }
                         if batch.len() < cfg.consumer_batch_max {
                             next = received.try_recv().ok();
@@ -255,6 +266,7 @@ impl Consumer {
                         break;
                     }
                 }
+                _ = sleep(ACK_RETRY), if !p.unacked.is_empty() => p.flush_acks(),
                 _ = gap_tick.tick() => p.request_replays(),
                 _ = report_tick.tick() => p.report_positions(),
                 _ = retention_tick.tick() => {
@@ -270,6 +282,15 @@ impl Consumer {
         }
 
         tracing::info!("consumer stopping");
+        // Send the acks of what was committed. Messages still in the channel are not
+        // applied and not acknowledged (the broker redelivers them); dropping them
+        // keeps the poller, which sends the acks, from waiting on this task.
+        let deadline = tokio::time::Instant::now() + DISCONNECT_TIMEOUT;
+        while !p.unacked.is_empty() && tokio::time::Instant::now() < deadline {
+            while received.try_recv().is_ok() {}
+            p.flush_acks();
+            sleep(ACK_RETRY).await;
+        }
         // The poller sends the queued acks, then the DISCONNECT, and returns. When the
         // broker is unreachable there is nothing to send: stop it after a moment.
         let _ = client.try_disconnect();
@@ -305,9 +326,27 @@ struct Processor<'a> {
     dead_log: LogLimiter,
     db_log: LogLimiter,
     backoff: Backoff,
+    /// Committed messages whose PUBACK rumqttc has not accepted yet, in receive order.
+    unacked: VecDeque<Publish>,
 }
 
 impl Processor<'_> {
+    /// Hands committed messages' PUBACKs to rumqttc, in order, without waiting: when
+    /// its request queue is full they wait here. Waiting for it instead would deadlock:
+    /// the poller drains that queue only while it can hand received messages to this
+    /// task, and rumqttc reads new messages in preference to sending queued acks
+    /// (measured: the broker sent 1,250 messages beyond the last ack sent).
+    fn flush_acks(&mut self) {
+        // rumqttc reports a full queue and a stopped event loop alike; either way
+        // the acks wait (messages never acked are redelivered after a reconnect).
+        while let Some(m) = self.unacked.front() {
+            if self.client.try_ack(m).is_err() {
+                return;
+            }
+            self.unacked.pop_front();
+        }
+    }
+
     /// Applies `batch` and acknowledges every message whose outcome is final, in
     /// receive order. Returns false when cancelled while waiting to retry (the rest of
     /// the batch stays unacknowledged; the broker delivers it again).
@@ -335,13 +374,11 @@ impl Processor<'_> {
                             break;
                         }
                         self.record(outcome);
-                        // Committed: now the broker may forget it.
-                        if let Err(e) = self.client.ack(&batch[done]).await {
-                            tracing::debug!(error = %e, "could not queue an ack; the broker will redeliver");
-                        }
                         done += 1;
                     }
-                    batch.drain(..done);
+                    // Committed: now the broker may forget them.
+                    self.unacked.extend(batch.drain(..done));
+                    self.flush_acks();
                     retry
                 }
             };

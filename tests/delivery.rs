@@ -195,7 +195,9 @@ async fn consumer_killed_mid_batch(lock_ms: u64) {
     locker.execute_batch("BEGIN IMMEDIATE").unwrap();
     let relay = p.spawn_relay();
     create_items(&p.producer, &p.outbox, "k", 60).await;
-    tokio::time::sleep(Duration::from_millis(200)).await; // a batch is now waiting for the lock
+    // A batch is taken, and then stuck waiting for the lock.
+    wait_for("the consumer to take a batch", 20, || status.received() > 0).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
     consumer.kill().await;
     tokio::time::sleep(Duration::from_millis(lock_ms)).await;
     locker.execute_batch("ROLLBACK").unwrap();

@@ -84,6 +84,7 @@ async fn outbox_status(State(state): State<AppState>) -> Result<Json<Value>, Api
         },
         "consumer": {
             "connected": consumer.connected(),
+            "received_since_start": consumer.received(),
             "applied_since_start": consumer.applied(),
             "duplicates_since_start": consumer.duplicates(),
             "dead_lettered_since_start": consumer.dead_lettered(),

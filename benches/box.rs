@@ -1,0 +1,760 @@
+//! `make bench`: the outbox against the raw limits of the disk and the broker,
+//! each measured in the same run. `BENCH=full` for longer runs (100,000 events).
+//!
+//! Every figure is the median of several runs with its spread, next to a baseline
+//! measured in the same run on the same machine (it is shared and noisy: absolute
+//! numbers mean little, ratios mean more). A run that loses or duplicates an event
+//! panics instead of printing a figure.
+
+#[path = "../tests/support/mod.rs"]
+#[allow(clippy::result_large_err)]
+mod support;
+
+use std::collections::HashMap;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use edge_outbox::{Config, Consumer, NewEvent, Outbox, Relay};
+use rumqttc::{AsyncClient, Event, MqttOptions, NetworkOptions, Packet, QoS};
+use serde_json::{json, Value};
+use support::{free_port, Broker};
+
+/// Payload of every benchmark event: about 300 bytes of envelope, a typical small event.
+fn event_data(i: usize) -> Value {
+    json!({ "id": i, "name": "x".repeat(100) })
+}
+
+struct Plan {
+    full: bool,
+    runs: usize,
+    events: usize,
+    http_requests: usize,
+    http_requests_fsync_bound: usize,
+    latency_secs: u64,
+}
+
+/// Median and spread of one figure.
+struct Figure(Vec<f64>);
+
+impl Figure {
+    fn median(&self) -> f64 {
+        let mut v = self.0.clone();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    }
+    fn spread(&self) -> String {
+        let (lo, hi) = self
+            .0
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
+        format!("{lo:.0}-{hi:.0}")
+    }
+}
+
+fn main() {
+    let full = std::env::var("BENCH").is_ok_and(|v| v == "full");
+    let plan = if full {
+        Plan {
+            full,
+            runs: 5,
+            events: 100_000,
+            http_requests: 40_000,
+            http_requests_fsync_bound: 4_000,
+            latency_secs: 15,
+        }
+    } else {
+        Plan {
+            full,
+            runs: 3,
+            events: 30_000,
+            http_requests: 12_000,
+            http_requests_fsync_bound: 1_500,
+            latency_secs: 5,
+        }
+    };
+    edge_outbox::service::init_tracing();
+    let started = Instant::now();
+    let broker = Broker::start_with(&repo_broker_settings());
+    let dir = tempfile::tempdir().unwrap();
+    print_setup(&plan, &broker);
+
+    let payload_len = envelope_len();
+    let mut rows: Vec<[String; 5]> = Vec::new();
+
+    // BENCH_ONLY=drain,e2e,http,latency runs only those figures (when chasing one).
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let want = |f: &str| only.is_empty() || only.split(',').any(|o| o == f);
+
+    // 1. Relay drain vs a bare publisher.
+    if want("drain") || want("e2e") {
+        let bare = Figure(
+            (0..plan.runs)
+                .map(|_| bare_publisher(&broker, plan.events, payload_len))
+                .collect(),
+        );
+        if want("drain") {
+            let drain = Figure(
+                (0..plan.runs)
+                    .map(|r| relay_drain(&broker, dir.path(), r, plan.events))
+                    .collect(),
+            );
+            rows.push(row(
+                "relay drain: pending rows -> all PUBACKed and marked, events/s",
+                &drain,
+                "bare rumqttc QoS1 publisher, 100 in flight",
+                &bare,
+                ">= 0.9x",
+            ));
+        }
+        // 2. End to end with FULL durability on both sides.
+        if want("e2e") {
+            let e2e = Figure(
+                (0..plan.runs)
+                    .map(|r| end_to_end(&broker, dir.path(), r, plan.events))
+                    .collect(),
+            );
+            rows.push(row(
+                "end to end: backlog -> all applied by the consumer, events/s",
+                &e2e,
+                "the same bare publisher",
+                &bare,
+                ">= 0.5x",
+            ));
+        }
+    }
+
+    // 3 and 4. POST /users, 64 connections.
+    if want("http") {
+        let http = |mode: HttpMode, n: usize| {
+            Figure(
+                (0..plan.runs)
+                    .map(|r| post_users(&broker, dir.path(), r, mode, n))
+                    .collect(),
+            )
+        };
+        let full_rate = http(HttpMode::Full, plan.http_requests);
+        let off_rate = http(HttpMode::Off, plan.http_requests);
+        let single = http(
+            HttpMode::OneWritePerTransaction,
+            plan.http_requests_fsync_bound,
+        );
+        rows.push(row(
+            "POST /users, 64 keep-alive connections, FULL, requests/s",
+            &full_rate,
+            "same with synchronous=OFF",
+            &off_rate,
+            ">= 0.5x",
+        ));
+        let target = if single.median() * 10.0 > off_rate.median() {
+            ">= the OFF rate (10x is above it)"
+        } else {
+            ">= 10x"
+        };
+        rows.push(row(
+            "POST /users, 64 connections, FULL (group commit), requests/s",
+            &full_rate,
+            "one write per transaction at FULL (fsync-bound)",
+            &single,
+            target,
+        ));
+    }
+
+    // 5. Latency at a steady 1,000 requests/s, and 6. the idle service.
+    let (lat, idle) = if want("latency") {
+        latency_and_idle(&broker, dir.path(), plan.latency_secs)
+    } else {
+        Default::default()
+    };
+    println!("\n{}", render(&rows));
+    println!("{lat}");
+    println!("{idle}");
+    println!(
+        "\nbench: done in {:.0} s ({} mode)",
+        started.elapsed().as_secs_f64(),
+        if plan.full { "full" } else { "quick" }
+    );
+}
+
+fn row(what: &str, value: &Figure, baseline: &str, base: &Figure, target: &str) -> [String; 5] {
+    let ratio = value.median() / base.median();
+    [
+        what.into(),
+        format!("{:.0} ({})", value.median(), value.spread()),
+        format!("{baseline}: {:.0} ({})", base.median(), base.spread()),
+        format!("{ratio:.2}x"),
+        target.into(),
+    ]
+}
+
+fn render(rows: &[[String; 5]]) -> String {
+    let mut out = String::from("| figure | median (spread) | baseline in the same run: median (spread) | ratio | target |\n|---|---|---|---|---|\n");
+    for r in rows {
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} |\n",
+            r[0], r[1], r[2], r[3], r[4]
+        ));
+    }
+    out
+}
+
+/// The lines of the repo's mosquitto.conf that shape throughput, for the bench broker
+/// (which has its own listener and no persistence).
+fn repo_broker_settings() -> String {
+    let conf =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("mosquitto.conf"))
+            .expect("mosquitto.conf");
+    conf.lines()
+        .filter(|l| {
+            [
+                "max_queued_messages",
+                "max_queued_bytes",
+                "max_inflight_messages",
+                "max_packet_size",
+            ]
+            .iter()
+            .any(|k| l.starts_with(k))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn print_setup(plan: &Plan, broker: &Broker) {
+    let mosquitto = Command::new("/usr/sbin/mosquitto")
+        .arg("-h")
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_owned()
+        })
+        .unwrap_or_default();
+    println!("bench setup:");
+    println!(
+        "  mode: {} ({} runs per figure, {} events per drain, {} requests per HTTP run)",
+        if plan.full { "full" } else { "quick" },
+        plan.runs,
+        plan.events,
+        plan.http_requests
+    );
+    println!(
+        "  machine: {} cores; broker: {mosquitto} on {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        broker.url()
+    );
+    println!(
+        "  broker settings from mosquitto.conf: {}",
+        repo_broker_settings().replace('\n', ", ")
+    );
+    println!("  SQLite: WAL, synchronous=FULL unless stated, group commit up to 512 requests; rusqlite 0.40 (bundled)");
+    println!("  MQTT: rumqttc 0.25, QoS1, 100 in flight (relay and bare publisher), TCP_NODELAY");
+    println!(
+        "  event envelope: {} bytes; HTTP load: 64 threads, one keep-alive connection each",
+        envelope_len()
+    );
+}
+
+fn bench_config(broker: &Broker, name: &str) -> Config {
+    Config {
+        broker_url: broker.url(),
+        client_id: format!("bench-{name}-{}", std::process::id()),
+        source: "producer".into(),
+        topic_prefix: format!("bench-{}", std::process::id()),
+        ..Config::default()
+    }
+}
+
+fn envelope_len() -> usize {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Config::default();
+    let db = support::open_db(dir.path(), "len", &cfg);
+    fill(&db, &Outbox::new(&cfg), 1);
+    support::count(
+        &dir.path().join("len.db"),
+        "SELECT length(payload) FROM outbox",
+    ) as usize
+}
+
+/// `n` pending events in the outbox, in transactions of 1,000.
+fn fill(db: &edge_outbox::Database, outbox: &Outbox, n: usize) {
+    for start in (0..n).step_by(1_000) {
+        let o = outbox.clone();
+        let end = (start + 1_000).min(n);
+        db.writer()
+            .write_blocking(move |tx| {
+                for i in start..end {
+                    tx.execute(
+                        "INSERT INTO items (id, name) VALUES (?1, ?2)",
+                        rusqlite::params![i as i64 + 1, format!("item-{i}")],
+                    )?;
+                    let data = event_data(i + 1);
+                    o.enqueue(
+                        tx,
+                        NewEvent {
+                            stream: support::STREAM,
+                            event_type: "item.created",
+                            subject: None,
+                            data: &data,
+                        },
+                    )?;
+                }
+                Ok::<_, edge_outbox::outbox::OutboxError>(())
+            })
+            .unwrap();
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A bare rumqttc QoS1 publisher with 100 in flight: publishes `n` messages of
+/// `payload_len` bytes and waits for every PUBACK. Events/s.
+fn bare_publisher(broker: &Broker, n: usize, payload_len: usize) -> f64 {
+    runtime().block_on(async {
+        let mut opts = MqttOptions::new(
+            format!("bench-bare-{}", std::process::id()),
+            broker.host.clone(),
+            broker.port,
+        );
+        opts.set_inflight(100)
+            .set_max_packet_size(1 << 20, 1 << 20)
+            .set_request_channel_capacity(1_000);
+        let (client, mut eventloop) = AsyncClient::new(opts, 1_000);
+        let mut net = NetworkOptions::new();
+        net.set_tcp_nodelay(true);
+        eventloop.set_network_options(net);
+        let topic = format!("bench-{}/bare", std::process::id());
+        let payload = vec![b'x'; payload_len];
+        let publisher = tokio::spawn(async move {
+            for _ in 0..n {
+                client
+                    .publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone())
+                    .await
+                    .unwrap();
+            }
+            client
+        });
+        let mut acked = 0;
+        let mut started = None;
+        while acked < n {
+            match eventloop.poll().await.expect("bare publisher connection") {
+                Event::Incoming(Packet::ConnAck(_)) => started = Some(Instant::now()),
+                Event::Incoming(Packet::PubAck(_)) => acked += 1,
+                _ => {}
+            }
+        }
+        let elapsed = started.unwrap().elapsed();
+        let _ = publisher.await;
+        n as f64 / elapsed.as_secs_f64()
+    })
+}
+
+/// `n` pending rows -> all PUBACKed and marked. Events/s.
+fn relay_drain(broker: &Broker, dir: &Path, run: usize, n: usize) -> f64 {
+    let cfg = bench_config(broker, &format!("drain{run}"));
+    let db = support::open_db(dir, &format!("drain{run}"), &cfg);
+    fill(&db, &Outbox::new(&cfg), n);
+    let rate = runtime().block_on(async {
+        let relay = Relay::new(db.clone(), cfg).unwrap();
+        let status = relay.status();
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let started = Instant::now();
+        let task = tokio::spawn(relay.run(cancel.clone()));
+        while status.marked_published() < n as u64 {
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "relay drain did not finish"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let rate = n as f64 / started.elapsed().as_secs_f64();
+        cancel.cancel();
+        task.await.unwrap().unwrap();
+        rate
+    });
+    let pending = support::count(
+        &dir.join(format!("drain{run}.db")),
+        "SELECT COUNT(*) FROM outbox WHERE published_at_ms IS NULL",
+    );
+    assert_eq!(pending, 0, "relay drain left rows pending");
+    rate
+}
+
+/// `n` pending rows -> all applied by a consumer, FULL durability on both sides.
+fn end_to_end(broker: &Broker, dir: &Path, run: usize, n: usize) -> f64 {
+    let cfg = bench_config(broker, &format!("e2e-producer{run}"));
+    let consumer_cfg = bench_config(broker, &format!("e2e-consumer{run}"));
+    let producer = support::open_db(dir, &format!("e2e-p{run}"), &cfg);
+    let consumer_db = support::open_db(dir, &format!("e2e-c{run}"), &consumer_cfg);
+    fill(&producer, &Outbox::new(&cfg), n);
+    let rate = runtime().block_on(async {
+        let consumer = Consumer::new(
+            consumer_db.clone(),
+            consumer_cfg,
+            vec![support::stream_key("producer")],
+            support::handlers(),
+        )
+        .unwrap();
+        let status = consumer.status();
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let consumer_task = tokio::spawn(consumer.run(cancel.clone()));
+        while !status.connected() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await; // the SUBACK
+        let relay = Relay::new(producer.clone(), cfg).unwrap();
+        let started = Instant::now();
+        let relay_task = tokio::spawn(relay.run(cancel.clone()));
+        while status.applied() < n as u64 {
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "end to end did not finish: {} of {n}",
+                status.applied()
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let rate = n as f64 / started.elapsed().as_secs_f64();
+        cancel.cancel();
+        relay_task.await.unwrap().unwrap();
+        consumer_task.await.unwrap().unwrap();
+        rate
+    });
+    // Loses or duplicates nothing, or fails loudly.
+    support::assert_exactly_once_in_order(&dir.join(format!("e2e-c{run}.db")), n);
+    rate
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum HttpMode {
+    Full,
+    Off,
+    OneWritePerTransaction,
+}
+
+/// Both services as release processes with their own databases.
+struct Services {
+    children: Vec<Child>,
+    pids: Vec<u32>,
+    users: String,
+    ledger_db: PathBuf,
+    ledger: String,
+    logs: Vec<PathBuf>,
+}
+
+impl Services {
+    fn start(broker: &Broker, dir: &Path, tag: &str, extra: &[&str]) -> Services {
+        let prefix = format!("bench-{}-{tag}", std::process::id());
+        let mut children = Vec::new();
+        let mut bases = Vec::new();
+        let mut logs = Vec::new();
+        for (name, exe) in [
+            ("user-service", env!("CARGO_BIN_EXE_user-service")),
+            (
+                "transaction-service",
+                env!("CARGO_BIN_EXE_transaction-service"),
+            ),
+        ] {
+            let port = free_port();
+            let child = Command::new(exe)
+                .args([
+                    "--db",
+                    dir.join(format!("{tag}-{name}.db")).to_str().unwrap(),
+                ])
+                .args([
+                    "--listen",
+                    &format!("127.0.0.1:{port}"),
+                    "--broker",
+                    &broker.url(),
+                    "--topic-prefix",
+                    &prefix,
+                ])
+                .args(["--client-id", &format!("{prefix}-{name}")])
+                .args(extra)
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.join(format!("{tag}-{name}.log"))).unwrap())
+                .env(
+                    "RUST_LOG",
+                    std::env::var("BENCH_SERVICE_LOG").unwrap_or_else(|_| "warn".into()),
+                )
+                .spawn()
+                .unwrap();
+            children.push(child);
+            logs.push(dir.join(format!("{tag}-{name}.log")));
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while TcpStream::connect(("127.0.0.1", port)).is_err() {
+                assert!(Instant::now() < deadline, "{name} did not listen");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            bases.push(format!("http://127.0.0.1:{port}"));
+        }
+        let pids = children.iter().map(Child::id).collect();
+        Services {
+            children,
+            pids,
+            users: bases[0].clone(),
+            ledger: bases[1].clone(),
+            ledger_db: dir.join(format!("{tag}-transaction-service.db")),
+            logs,
+        }
+    }
+
+    /// Waits until transaction-service applied `n` user.created, then checks exactly once.
+    fn assert_all_applied(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let s: Value = ureq::get(&format!("{}/outbox", self.ledger))
+                .call()
+                .unwrap()
+                .into_json()
+                .unwrap();
+            let position = s["consumer"]["streams"]
+                .as_object()
+                .and_then(|m| m.values().next())
+                .and_then(|v| v["position"].as_u64())
+                .unwrap_or(0);
+            if position >= n as u64 {
+                break;
+            }
+            if Instant::now() > deadline {
+                for base in [&self.users, &self.ledger] {
+                    let status = ureq::get(&format!("{base}/outbox"))
+                        .call()
+                        .map(|r| r.into_string().unwrap_or_default());
+                    eprintln!("{base}/outbox: {status:?}");
+                }
+                for log in &self.logs {
+                    let text = std::fs::read_to_string(log).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(30).collect();
+                    eprintln!(
+                        "last lines of {}:\n{}",
+                        log.display(),
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    );
+                }
+                panic!("transaction-service applied {position} of {n} user.created events");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let applied = support::count(
+            &self.ledger_db,
+            "SELECT COUNT(*) FROM inbox WHERE event_type = 'user.created' AND outcome = 'applied'",
+        );
+        let known = support::count(&self.ledger_db, "SELECT COUNT(*) FROM known_users");
+        assert_eq!(
+            (applied, known),
+            (n as i64, n as i64),
+            "every acknowledged POST /users must produce exactly one applied event"
+        );
+    }
+}
+
+impl Drop for Services {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            // SAFETY: kill(2) on our own child, not yet reaped.
+            unsafe {
+                libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+            }
+            let _ = c.wait();
+        }
+    }
+}
+
+/// POST /users from 64 keep-alive connections, `n` requests in all. Requests/s.
+fn post_users(broker: &Broker, dir: &Path, run: usize, mode: HttpMode, n: usize) -> f64 {
+    let extra: &[&str] = match mode {
+        HttpMode::Full => &[],
+        HttpMode::Off => &["--db-synchronous", "off"],
+        HttpMode::OneWritePerTransaction => &["--db-write-batch-max", "1"],
+    };
+    let tag = format!("http-{mode:?}-{run}").to_lowercase();
+    let services = Services::start(broker, dir, &tag, extra);
+    let url = format!("{}/users", services.users);
+    let per = n / 64;
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..64 {
+            let url = url.clone();
+            let tag = tag.clone();
+            s.spawn(move || {
+                let agent = ureq::AgentBuilder::new().max_idle_connections_per_host(1).build();
+                for i in 0..per {
+                    let body = json!({ "name": "Bench User", "email": format!("{tag}-{t}-{i}@example.com") });
+                    let res = agent.post(&url).send_json(body).expect("POST /users");
+                    assert_eq!(res.status(), 201);
+                }
+            });
+        }
+    });
+    let rate = (per * 64) as f64 / started.elapsed().as_secs_f64();
+    services.assert_all_applied(per * 64);
+    rate
+}
+
+/// p50 and p99 of `v` (in microseconds) as milliseconds.
+fn percentiles(v: &mut [f64]) -> (f64, f64) {
+    v.sort_by(f64::total_cmp);
+    let at = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize] / 1_000.0;
+    (at(0.50), at(0.99))
+}
+
+/// A steady 1,000 requests/s for `secs`: 201 -> user.created on the broker (the
+/// commit -> PUBACK path) and 201 -> transaction-service's welcome-credit event on the
+/// broker (user.created applied by transaction-service, plus its own relay hop: an
+/// upper bound of "applied"). Then the idle cost of both services.
+fn latency_and_idle(broker: &Broker, dir: &Path, secs: u64) -> (String, String) {
+    let services = Services::start(broker, dir, "latency", &[]);
+    let prefix = format!("bench-{}-latency", std::process::id());
+    let seen: Arc<Mutex<HashMap<(bool, i64), Instant>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let subscriber = {
+        let (seen, stop, host, port) =
+            (seen.clone(), stop.clone(), broker.host.clone(), broker.port);
+        std::thread::spawn(move || {
+            runtime().block_on(async move {
+                let mut opts = MqttOptions::new(format!("{prefix}-watcher"), host, port);
+                opts.set_max_packet_size(1 << 20, 1 << 20);
+                let (client, mut eventloop) = AsyncClient::new(opts, 100);
+                let mut net = NetworkOptions::new();
+                net.set_tcp_nodelay(true);
+                eventloop.set_network_options(net);
+                client
+                    .subscribe(format!("{prefix}/events/#"), QoS::AtMostOnce)
+                    .await
+                    .unwrap();
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(Ok(Event::Incoming(Packet::Publish(p)))) =
+                        tokio::time::timeout(Duration::from_millis(100), eventloop.poll()).await
+                    {
+                        let now = Instant::now();
+                        let e: Value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+                        let welcome = e["type"] == "transaction.created";
+                        let user = if welcome {
+                            e["data"]["user_id"].as_i64()
+                        } else {
+                            e["data"]["id"].as_i64()
+                        };
+                        if let Some(user) = user {
+                            seen.lock().unwrap().insert((welcome, user), now);
+                        }
+                    }
+                }
+            })
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let sent: Arc<Mutex<Vec<(i64, Instant)>>> = Arc::default();
+    let threads = 16;
+    let total = 1_000 * secs as usize / threads * threads;
+    let start = Instant::now() + Duration::from_millis(100);
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let (url, sent) = (format!("{}/users", services.users), sent.clone());
+            s.spawn(move || {
+                let agent = ureq::AgentBuilder::new().build();
+                // Open loop: request k of this thread is due at start + (k * threads + t) ms.
+                for k in 0..total / threads {
+                    let due = start + Duration::from_millis((k * threads + t) as u64);
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    let body =
+                        json!({ "name": "Latency", "email": format!("lat-{t}-{k}@example.com") });
+                    let res: Value = agent
+                        .post(&url)
+                        .send_json(body)
+                        .expect("POST /users")
+                        .into_json()
+                        .unwrap();
+                    sent.lock()
+                        .unwrap()
+                        .push((res["id"].as_i64().unwrap(), Instant::now()));
+                }
+            });
+        }
+    });
+    let achieved = total as f64 / start.elapsed().as_secs_f64();
+    services.assert_all_applied(total);
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    subscriber.join().unwrap();
+    let seen = seen.lock().unwrap();
+    let (mut published, mut applied) = (Vec::new(), Vec::new());
+    for (id, t201) in sent.lock().unwrap().iter() {
+        let since = |at: &Instant| at.saturating_duration_since(*t201).as_micros() as f64;
+        published.push(since(
+            seen.get(&(false, *id))
+                .expect("every user.created seen on the broker"),
+        ));
+        applied.push(since(
+            seen.get(&(true, *id))
+                .expect("every welcome credit seen on the broker"),
+        ));
+    }
+    let (p50, p99) = percentiles(&mut published);
+    let (a50, a99) = percentiles(&mut applied);
+    let latency = format!(
+        "latency at a steady {achieved:.0} requests/s for {secs} s ({total} users; 0 when the event arrived before the HTTP answer):\n  \
+         201 -> event applied by transaction-service (its welcome credit seen on the broker): p50 {a50:.2} ms, p99 {a99:.2} ms (target p50 <= 2 ms, p99 <= 10 ms)\n  \
+         baseline, same run: 201 -> user.created seen on the broker (commit -> PUBACK): p50 {p50:.2} ms, p99 {p99:.2} ms"
+    );
+
+    // Idle: nothing for 2 s, then 10 s of measurement.
+    std::thread::sleep(Duration::from_secs(2));
+    let before: Vec<f64> = services.pids.iter().map(|p| cpu_seconds(*p)).collect();
+    std::thread::sleep(Duration::from_secs(10));
+    let mut idle = String::from("idle services, 10 s with no traffic (target <= 0.05 CPU s each):");
+    for (i, (pid, name)) in services
+        .pids
+        .iter()
+        .zip(["user-service", "transaction-service"])
+        .enumerate()
+    {
+        idle.push_str(&format!(
+            "\n  {name}: {:.3} CPU s, RSS {} KiB",
+            cpu_seconds(*pid) - before[i],
+            rss_kib(*pid)
+        ));
+    }
+    (latency, idle)
+}
+
+fn proc_field(pid: u32, file: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}")).unwrap_or_default()
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = proc_field(pid, "stat");
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (field(11) + field(12)) / ticks // utime, stime: fields 14 and 15 of stat
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    proc_field(pid, "status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
