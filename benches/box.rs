@@ -5,9 +5,9 @@
 //! measured in the same run on the same machine (it is shared and noisy: absolute
 //! numbers mean little, ratios mean more). A run that loses or duplicates an event
 //! panics instead of printing a figure.
+#![allow(clippy::result_large_err)]
 
 #[path = "../tests/support/mod.rs"]
-#[allow(clippy::result_large_err)]
 mod support;
 
 use std::collections::HashMap;
