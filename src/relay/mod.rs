@@ -22,7 +22,7 @@ mod correlation;
 
 pub use correlation::Correlator;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -121,6 +121,9 @@ struct State {
     sent: HashSet<i64>,
     /// Highest row id fetched since the last reset.
     cursor: i64,
+    /// Rows fetched ahead, to publish as soon as the in-flight window has room: reading
+    /// ahead keeps SQLite reads off the publish path (up to `--relay-batch-max`).
+    buffer: VecDeque<PendingRow>,
     /// There may be pending rows after `cursor`.
     maybe_more: bool,
     /// Bumped by every wake-up, so that a fetch that started before a commit does not
@@ -144,6 +147,7 @@ impl State {
     /// Start publishing from the first pending row again.
     fn rewind(&mut self) {
         self.cursor = 0;
+        self.buffer.clear(); // still pending in the outbox: fetched again
         self.rewinds += 1;
         self.wake();
     }
@@ -153,24 +157,24 @@ impl State {
         (self.wake_gen, self.rewinds)
     }
 
-    /// A fetch that started at `generations` with `limit` returned `rows`: the rows to
-    /// publish, or None when a rewind happened meanwhile (they are fetched again from
-    /// the start). Also decides whether more rows may be pending.
-    fn fetched(
-        &mut self,
-        generations: (u64, u64),
-        limit: usize,
-        rows: Vec<PendingRow>,
-    ) -> Option<Vec<PendingRow>> {
+    /// A fetch that started at `generations` with `limit` returned `rows`: they join
+    /// the buffer, unless a rewind happened meanwhile (then they are dropped and fetched
+    /// again from the start). Also decides whether more rows may be pending. Returns
+    /// whether the rows were taken.
+    fn fetched(&mut self, generations: (u64, u64), limit: usize, rows: Vec<PendingRow>) -> bool {
         let (wake_gen, rewinds) = generations;
         if rewinds != self.rewinds {
             self.maybe_more = true;
-            return None;
+            return false;
         }
         if rows.len() < limit && wake_gen == self.wake_gen {
             self.maybe_more = false;
         }
-        Some(rows)
+        if let Some(last) = rows.last() {
+            self.cursor = self.cursor.max(last.id);
+        }
+        self.buffer.extend(rows);
+        true
     }
 
     /// The connection is gone: rows waiting for a PUBACK will be published again.
@@ -242,6 +246,7 @@ impl Relay {
             acked: Vec::new(),
             sent: HashSet::new(),
             cursor: 0,
+            buffer: VecDeque::new(),
             maybe_more: true,
             wake_gen: 0,
             rewinds: 0,
@@ -267,13 +272,16 @@ impl Relay {
         let mut drain_deadline: Option<Instant> = None;
 
         loop {
+            if st.connected && drain_deadline.is_none() {
+                self.publish_buffered(&client, &mut st, window);
+            }
             if drain_deadline.is_none()
                 && st.connected
                 && fetch.is_none()
                 && st.maybe_more
-                && st.correlator.len() < window
+                && st.buffer.len() <= cfg.relay_batch_max / 2
             {
-                let limit = cfg.relay_batch_max.min(window - st.correlator.len());
+                let limit = cfg.relay_batch_max - st.buffer.len();
                 let (after, generations, db) = (st.cursor, st.generations(), self.db.clone());
                 fetch = Some(Box::pin(async move {
                     let rows = db
@@ -364,11 +372,7 @@ impl Relay {
                     match rows {
                         Ok(rows) => {
                             db_log.reset();
-                            if let Some(rows) = st.fetched(generations, limit, rows) {
-                                if !self.publish_rows(rows, &client, &mut st) {
-                                    st.maybe_more = true;
-                                }
-                            }
+                            st.fetched(generations, limit, rows);
                         }
                         Err(e) => {
                             if let Some(suppressed) = db_log.allow() {
@@ -481,25 +485,47 @@ impl Relay {
         Ok(())
     }
 
-    /// Hands fetched rows to rumqttc. Returns false if rumqttc refused one (its queue
-    /// is full or closed): the rest stay pending and are fetched again.
-    fn publish_rows(&self, rows: Vec<PendingRow>, client: &AsyncClient, st: &mut State) -> bool {
-        for row in rows {
+    /// Hands buffered rows to rumqttc while fewer than `window` await their PUBACK.
+    /// A row rumqttc refuses (its queue is full) goes back to the buffer's front.
+    fn publish_buffered(&self, client: &AsyncClient, st: &mut State, window: usize) {
+        while st.correlator.len() < window {
+            let Some(row) = st.buffer.pop_front() else {
+                return;
+            };
             if st.sent.contains(&row.id) {
-                st.cursor = st.cursor.max(row.id);
-                continue;
+                continue; // in flight or being marked already
             }
             st.correlator.queued(Some(row.id));
-            if let Err(e) = client.try_publish(row.topic, QoS::AtLeastOnce, false, row.payload) {
+            let PendingRow {
+                id,
+                event_id,
+                stream,
+                seq,
+                topic,
+                payload,
+            } = row;
+            if let Err(e) = client.try_publish(topic, QoS::AtLeastOnce, false, payload) {
                 st.correlator.unqueue_last();
                 tracing::debug!(error = %e, "relay: MQTT request queue full; will retry");
-                return false;
+                // rumqttc hands the refused publish back: keep its bytes for the retry.
+                if let rumqttc::ClientError::TryRequest(rumqttc::Request::Publish(p)) = e {
+                    let (topic, payload) = (p.topic, p.payload.to_vec());
+                    st.buffer.push_front(PendingRow {
+                        id,
+                        event_id,
+                        stream,
+                        seq,
+                        topic,
+                        payload,
+                    });
+                } else {
+                    st.rewind(); // cannot happen; fetch everything again rather than lose it
+                }
+                return;
             }
-            tracing::debug!(event_id = %row.event_id, stream = %row.stream, seq = row.seq, "publishing");
-            st.sent.insert(row.id);
-            st.cursor = st.cursor.max(row.id);
+            tracing::debug!(%event_id, %stream, seq, "publishing");
+            st.sent.insert(id);
         }
-        true
     }
 
     fn on_replay_request(&self, payload: &[u8], st: &mut State, side: &mpsc::Sender<Side>) {
@@ -603,6 +629,7 @@ mod tests {
             acked: Vec::new(),
             sent: HashSet::new(),
             cursor: 0,
+            buffer: VecDeque::new(),
             maybe_more: true,
             wake_gen: 0,
             rewinds: 0,
@@ -628,7 +655,8 @@ mod tests {
         let mut st = state();
         let started = st.generations();
         st.rewind(); // a replay set rows back to pending while the fetch ran
-        assert!(st.fetched(started, 10, vec![row(7), row(8)]).is_none());
+        assert!(!st.fetched(started, 10, vec![row(7), row(8)]));
+        assert!(st.buffer.is_empty());
         assert_eq!(st.cursor, 0, "the cursor stays where the rewind put it");
         assert!(st.maybe_more, "the rows are fetched again from the start");
     }
@@ -637,10 +665,8 @@ mod tests {
     fn a_short_fetch_means_nothing_more_unless_a_commit_woke_the_relay_meanwhile() {
         let mut st = state();
         let started = st.generations();
-        assert_eq!(
-            st.fetched(started, 10, vec![row(1)]).map(|r| r.len()),
-            Some(1)
-        );
+        assert!(st.fetched(started, 10, vec![row(1)]));
+        assert_eq!((st.buffer.len(), st.cursor), (1, 1));
         assert!(!st.maybe_more);
 
         st.maybe_more = true;
