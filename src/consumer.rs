@@ -361,7 +361,7 @@ impl Processor<'_> {
                 .consumer
                 .db
                 .writer()
-                .write(move |tx| Ok::<_, DbError>(inbox::apply_batch(tx, &ctx, &messages)))
+                .write(move |tx| inbox::apply_batch(tx, &ctx, &messages))
                 .await;
             let retry = match result {
                 Err(e) => Some(e.to_string()),

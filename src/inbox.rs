@@ -165,39 +165,57 @@ pub fn apply_batch(
     tx: &Transaction,
     ctx: &InboxContext,
     messages: &[(String, bytes::Bytes)],
-) -> Vec<Outcome> {
+) -> Result<Vec<Outcome>, DbError> {
+    // Positions are read once per stream and written once per batch, after every
+    // message of it (a message's savepoint undone leaves its position unmoved).
+    let mut positions: HashMap<StreamKey, (u64, bool)> = HashMap::new();
     let mut outcomes = Vec::with_capacity(messages.len());
     for (topic, payload) in messages {
-        let outcome = in_savepoint(tx, "m", |tx| apply_one(tx, ctx, topic, payload))
+        let outcome = in_savepoint(tx, |tx| apply_one(tx, ctx, &mut positions, topic, payload))
             .unwrap_or_else(|e| Outcome::Retry(e.to_string()));
+        let advanced = match &outcome {
+            Outcome::Applied { key, seq, .. } => Some((key, *seq)),
+            Outcome::DeadLettered {
+                advanced: Some((key, seq)),
+                ..
+            } => Some((key, *seq)),
+            _ => None,
+        };
+        if let Some((key, seq)) = advanced {
+            positions.insert(key.clone(), (seq, true));
+        }
         let stop = matches!(outcome, Outcome::Retry(_));
         outcomes.push(outcome);
         if stop {
             break;
         }
     }
-    outcomes
+    for (key, (position, dirty)) in &positions {
+        if *dirty {
+            set_position(tx, key, *position)?;
+        }
+    }
+    Ok(outcomes)
 }
 
-/// Runs `f` in a savepoint, rolled back when `f` fails or returns `Retry`.
+/// Runs `f` in savepoint `m`, rolled back when `f` fails or returns `Retry`.
 fn in_savepoint(
     tx: &Transaction,
-    name: &str,
     f: impl FnOnce(&Transaction) -> Result<Outcome, DbError>,
 ) -> Result<Outcome, DbError> {
-    tx.execute_batch(&format!("SAVEPOINT {name}"))?;
+    tx.prepare_cached("SAVEPOINT m")?.execute([])?;
     let result = f(tx);
     if matches!(result, Ok(Outcome::Retry(_)) | Err(_)) {
-        tx.execute_batch(&format!("ROLLBACK TO {name}; RELEASE {name}"))?;
-    } else {
-        tx.execute_batch(&format!("RELEASE {name}"))?;
+        tx.prepare_cached("ROLLBACK TO m")?.execute([])?;
     }
+    tx.prepare_cached("RELEASE m")?.execute([])?;
     result
 }
 
 fn apply_one(
     tx: &Transaction,
     ctx: &InboxContext,
+    positions: &mut HashMap<StreamKey, (u64, bool)>,
     topic: &str,
     payload: &[u8],
 ) -> Result<Outcome, DbError> {
@@ -233,7 +251,14 @@ fn apply_one(
         source: event.source.clone(),
         stream: event.stream.clone(),
     };
-    let position = position(tx, &key)?;
+    let position = match positions.get(&key) {
+        Some((p, _)) => *p,
+        None => {
+            let p = position(tx, &key)?;
+            positions.insert(key.clone(), (p, false));
+            p
+        }
+    };
     if seq <= position {
         return Ok(Outcome::Duplicate { key, seq });
     }
@@ -294,7 +319,6 @@ fn apply_one(
         label,
         now_ms()
     ])?;
-    set_position(tx, &key, seq)?;
     Ok(outcome)
 }
 
@@ -305,14 +329,13 @@ fn run_handler(
     handler: &HandlerFn,
     event: &CloudEvent,
 ) -> Result<Result<(), HandlerError>, DbError> {
-    tx.execute_batch("SAVEPOINT h")?;
+    tx.prepare_cached("SAVEPOINT h")?.execute([])?;
     let result = catch_unwind(AssertUnwindSafe(|| handler(tx, event)))
         .unwrap_or_else(|_| Err(HandlerError::Permanent("the handler panicked".into())));
-    if result.is_ok() {
-        tx.execute_batch("RELEASE h")?;
-    } else {
-        tx.execute_batch("ROLLBACK TO h; RELEASE h")?;
+    if result.is_err() {
+        tx.prepare_cached("ROLLBACK TO h")?.execute([])?;
     }
+    tx.prepare_cached("RELEASE h")?.execute([])?;
     Ok(result)
 }
 

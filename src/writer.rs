@@ -209,7 +209,10 @@ fn run_batch(conn: &mut Connection, batch: &mut Vec<Job>) -> bool {
             finishes.push(job(Err(e)).1);
             continue;
         };
-        if let Err(e) = tx.execute_batch("SAVEPOINT w") {
+        if let Err(e) = tx
+            .prepare_cached("SAVEPOINT w")
+            .and_then(|mut s| s.execute([]))
+        {
             let e = DbError::from(e);
             finishes.push(job(Err(&e)).1);
             failed = Some(e);
@@ -217,11 +220,12 @@ fn run_batch(conn: &mut Connection, batch: &mut Vec<Job>) -> bool {
         }
         let (ok, finish) = job(Ok(tx));
         finishes.push(finish);
-        let end = if ok {
-            tx.execute_batch("RELEASE w")
-        } else {
-            tx.execute_batch("ROLLBACK TO w; RELEASE w")
-        };
+        let end = (|| {
+            if !ok {
+                tx.prepare_cached("ROLLBACK TO w")?.execute([])?;
+            }
+            tx.prepare_cached("RELEASE w")?.execute([])
+        })();
         if let Err(e) = end {
             failed = Some(e.into());
         } else if tx.is_autocommit() {

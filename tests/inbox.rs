@@ -5,7 +5,6 @@
 mod support;
 
 use bytes::Bytes;
-use edge_outbox::db::DbError;
 use edge_outbox::envelope::{format_sequence, CloudEvent};
 use edge_outbox::inbox::{self, HandlerError, Handlers, InboxContext, Outcome, StreamKey};
 use edge_outbox::protocol::Topics;
@@ -44,7 +43,7 @@ fn ctx(handlers: Handlers) -> InboxContext {
 fn apply(db: &Database, ctx: &InboxContext, messages: Vec<(String, Bytes)>) -> Vec<Outcome> {
     let ctx = ctx.clone();
     db.writer()
-        .write_blocking(move |tx| Ok::<_, DbError>(inbox::apply_batch(tx, &ctx, &messages)))
+        .write_blocking(move |tx| inbox::apply_batch(tx, &ctx, &messages))
         .unwrap()
 }
 

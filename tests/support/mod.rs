@@ -214,8 +214,8 @@ pub const ITEMS_SCHEMA: Schema = Schema {
         version: 1,
         name: "items",
         sql: "CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE) STRICT;
-              CREATE TABLE effects (item_id INTEGER PRIMARY KEY, applied INTEGER NOT NULL,
-                                    seq INTEGER NOT NULL, order_no INTEGER NOT NULL) STRICT;",
+              CREATE TABLE effects (order_no INTEGER PRIMARY KEY AUTOINCREMENT, item_id INTEGER NOT NULL UNIQUE,
+                                    applied INTEGER NOT NULL, seq INTEGER NOT NULL) STRICT;",
     }],
 };
 
@@ -270,13 +270,17 @@ pub async fn create_items(db: &Database, outbox: &Outbox, prefix: &str, n: usize
 /// The consumer's handler: counts each item's effects and notes the order applied.
 pub fn handlers() -> Handlers {
     Handlers::new().on("item.created", |tx, event| {
-        let id = event.data.get("id").and_then(|v| v.as_i64()).ok_or_else(|| HandlerError::Permanent("data.id missing".into()))?;
+        let id = event
+            .data
+            .get("id")
+            .and_then(|v| v.as_i64())
+            .ok_or_else(|| HandlerError::Permanent("data.id missing".into()))?;
         let seq = event.seq().map_err(HandlerError::Permanent)? as i64;
-        tx.execute(
-            "INSERT INTO effects (item_id, applied, seq, order_no) VALUES (?1, 1, ?2, (SELECT COUNT(*) FROM effects) + 1)
+        tx.prepare_cached(
+            "INSERT INTO effects (item_id, applied, seq) VALUES (?1, 1, ?2)
              ON CONFLICT (item_id) DO UPDATE SET applied = applied + 1",
-            rusqlite::params![id, seq],
-        )?;
+        )?
+        .execute(rusqlite::params![id, seq])?;
         Ok(())
     })
 }
