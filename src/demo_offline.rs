@@ -10,7 +10,7 @@ use anyhow::{bail, Context};
 use serde_json::{json, Value};
 use tokio::process::Command;
 
-use crate::run_all::{spawn, stop, wait_listening, Output, Proc};
+use crate::run_all::{bin_dir, free_port, spawn, stop, wait_listening, Output, Proc};
 use crate::verify::{self, Target};
 
 /// Settings of the walk-through.
@@ -25,12 +25,6 @@ pub struct DemoOffline {
     /// Where the demo keeps its databases and logs (wiped at start).
     #[arg(long, default_value = "data/demo-offline")]
     pub dir: PathBuf,
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 /// One HTTP call, off the async threads.
@@ -91,13 +85,7 @@ async fn start_broker(
 
 /// Runs the walk-through.
 pub async fn run(opts: DemoOffline) -> anyhow::Result<()> {
-    let bin_dir = match &opts.bin_dir {
-        Some(d) => d.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .context("this program has no folder")?
-            .to_owned(),
-    };
+    let bin_dir = bin_dir(&opts.bin_dir)?;
     let dir = &opts.dir;
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

@@ -24,7 +24,7 @@ use rusqlite::{Connection, OpenFlags};
 use serde_json::{json, Value};
 use tokio::process::Command;
 
-use crate::run_all::{spawn, wait_listening, Output, Proc};
+use crate::run_all::{bin_dir, free_port, spawn, wait_listening, Output, Proc};
 use crate::verify::{self, Target};
 
 /// `FS_IOC_SHUTDOWN`: `_IOR('X', 125, __u32)`.
@@ -436,13 +436,7 @@ pub async fn run(opts: PowerCut) -> anyhow::Result<String> {
             return Ok(format!("power-cut: SKIPPED: {missing}"));
         }
     }
-    let bin_dir = match &opts.bin_dir {
-        Some(d) => d.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .context("this program has no folder")?
-            .to_owned(),
-    };
+    let bin_dir = bin_dir(&opts.bin_dir)?;
     let dir = opts.dir.clone();
     let mnt = dir.join("mnt");
     let _ = run_cmd("umount", &[mnt.to_str().unwrap_or_default()]);
@@ -482,12 +476,6 @@ pub async fn run(opts: PowerCut) -> anyhow::Result<String> {
         let _ = b.unmount().await;
     }
     result
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 async fn exercise(b: &mut Box_) -> anyhow::Result<String> {

@@ -124,15 +124,27 @@ pub(crate) async fn wait_listening(addr: &str, broker: &mut Proc) -> anyhow::Res
     }
 }
 
-/// Runs the box until Ctrl-C, SIGTERM, or one of its processes exits.
-pub async fn run(opts: RunAll) -> anyhow::Result<()> {
-    let bin_dir = match &opts.bin_dir {
-        Some(d) => d.clone(),
-        None => std::env::current_exe()?
+/// The folder of user-service and transaction-service: `given`, or this program's.
+pub(crate) fn bin_dir(given: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match given {
+        Some(d) => Ok(d.clone()),
+        None => Ok(std::env::current_exe()?
             .parent()
             .context("this program has no folder")?
-            .to_owned(),
-    };
+            .to_owned()),
+    }
+}
+
+/// A loopback port nobody listens on now.
+pub(crate) fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Runs the box until Ctrl-C, SIGTERM, or one of its processes exits.
+pub async fn run(opts: RunAll) -> anyhow::Result<()> {
+    let bin_dir = bin_dir(&opts.bin_dir)?;
     if !opts.mosquitto_conf.exists() {
         bail!(
             "{} not found: run from the repository root or pass --mosquitto-conf",

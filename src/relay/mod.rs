@@ -139,6 +139,23 @@ struct State {
 }
 
 impl State {
+    /// Before the first connection: everything pending is to be published.
+    fn new() -> State {
+        State {
+            correlator: Correlator::default(),
+            acked: Vec::new(),
+            sent: HashSet::new(),
+            cursor: 0,
+            buffer: VecDeque::new(),
+            maybe_more: true,
+            wake_gen: 0,
+            rewinds: 0,
+            connected: false,
+            last_data_version: None,
+            last_replay: HashMap::new(),
+        }
+    }
+
     fn wake(&mut self) {
         self.maybe_more = true;
         self.wake_gen += 1;
@@ -241,19 +258,7 @@ impl Relay {
         let inserted = self.db.writer().outbox_inserted();
         let (side_tx, mut side_rx) = mpsc::channel::<Side>(64);
 
-        let mut st = State {
-            correlator: Correlator::default(),
-            acked: Vec::new(),
-            sent: HashSet::new(),
-            cursor: 0,
-            buffer: VecDeque::new(),
-            maybe_more: true,
-            wake_gen: 0,
-            rewinds: 0,
-            connected: false,
-            last_data_version: None,
-            last_replay: HashMap::new(),
-        };
+        let mut st = State::new();
         let mut fetch: Option<BoxFuture<FetchResult>> = None;
         let mut mark: Option<BoxFuture<MarkResult>> = None;
         let mut mark_retry_at: Option<Instant> = None;
@@ -625,17 +630,8 @@ mod tests {
 
     fn state() -> State {
         State {
-            correlator: Correlator::default(),
-            acked: Vec::new(),
-            sent: HashSet::new(),
-            cursor: 0,
-            buffer: VecDeque::new(),
-            maybe_more: true,
-            wake_gen: 0,
-            rewinds: 0,
             connected: true,
-            last_data_version: None,
-            last_replay: HashMap::new(),
+            ..State::new()
         }
     }
 
