@@ -2,7 +2,7 @@
 //! SQLite transaction each. No I/O besides the caller's transaction; the MQTT side is
 //! [`crate::consumer`].
 //!
-//! For one message, inside the transaction (and inside a savepoint of its own):
+//! For one message, inside the batch's transaction:
 //!
 //! 1. Check it: an event topic, within the size limit, a CloudEvent whose `source`
 //!    and `stream` match the topic, with a valid `sequence`. Otherwise it goes to
@@ -159,7 +159,7 @@ pub enum Outcome {
     Retry(String),
 }
 
-/// Applies `messages` (topic, payload) in order, each in its own savepoint. Stops at
+/// Applies `messages` (topic, payload) in order. Stops at
 /// the first [`Outcome::Retry`], which is then the last outcome returned.
 pub fn apply_batch(
     tx: &Transaction,
@@ -167,12 +167,14 @@ pub fn apply_batch(
     messages: &[(String, bytes::Bytes)],
 ) -> Result<Vec<Outcome>, DbError> {
     // Positions are read once per stream and written once per batch, after every
-    // message of it (a message's savepoint undone leaves its position unmoved).
+    // message of it.
     let mut positions: HashMap<StreamKey, (u64, bool)> = HashMap::new();
     let mut outcomes = Vec::with_capacity(messages.len());
     for (topic, payload) in messages {
-        let outcome = in_savepoint(tx, |tx| apply_one(tx, ctx, &mut positions, topic, payload))
-            .unwrap_or_else(|e| Outcome::Retry(e.to_string()));
+        // No savepoint per message: a message writes nothing before its handler, whose
+        // own savepoint undoes it on failure; a database error fails the whole batch
+        // (the caller's savepoint undoes it, and the batch is tried again).
+        let outcome = apply_one(tx, ctx, &mut positions, topic, payload)?;
         let advanced = match &outcome {
             Outcome::Applied { key, seq, .. } => Some((key, *seq)),
             Outcome::DeadLettered {
@@ -196,20 +198,6 @@ pub fn apply_batch(
         }
     }
     Ok(outcomes)
-}
-
-/// Runs `f` in savepoint `m`, rolled back when `f` fails or returns `Retry`.
-fn in_savepoint(
-    tx: &Transaction,
-    f: impl FnOnce(&Transaction) -> Result<Outcome, DbError>,
-) -> Result<Outcome, DbError> {
-    tx.prepare_cached("SAVEPOINT m")?.execute([])?;
-    let result = f(tx);
-    if matches!(result, Ok(Outcome::Retry(_)) | Err(_)) {
-        tx.prepare_cached("ROLLBACK TO m")?.execute([])?;
-    }
-    tx.prepare_cached("RELEASE m")?.execute([])?;
-    result
 }
 
 fn apply_one(
