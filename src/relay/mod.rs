@@ -7,8 +7,9 @@
 //! by other processes, the result of a database read or write (run off the async
 //! threads), or a timer (head announcements, retention). When idle it sleeps.
 //!
-//! - Publishing: rows are read in id order (sequence order within each stream) and
-//!   handed to rumqttc while fewer than `--relay-inflight-max` await their PUBACK.
+//! - Publishing: rows are read ahead in id order (sequence order within each stream),
+//!   up to `--relay-batch-max` at a time, into a buffer, and handed to rumqttc from
+//!   it while fewer than `--relay-inflight-max` await their PUBACK.
 //! - Marking: PUBACKed row ids are collected and marked in one write per batch.
 //! - Failure: on any connection error the PUBACK correlation is dropped, the relay
 //!   waits (capped exponential backoff with jitter) and, once connected again,
