@@ -263,15 +263,26 @@ pub fn fetch_pending(
 }
 
 /// Marks rows published (after their PUBACK). Rows already marked are left alone.
+///
+/// One statement for the whole batch: one UPDATE per row, each firing the backlog
+/// trigger inside the writer's savepoint, grew quadratically (62,641 rows took 70 s
+/// in `make bench`; 20,000 took 2.6 s against 0.06 s for this form).
 pub fn mark_published(tx: &Transaction, ids: &[i64]) -> Result<usize, DbError> {
-    let now = now_ms();
-    let mut stmt = tx.prepare_cached(
-        "UPDATE outbox SET published_at_ms = ?2 WHERE id = ?1 AND published_at_ms IS NULL",
-    )?;
-    let mut marked = 0;
-    for id in ids {
-        marked += stmt.execute(params![id, now])?;
+    let mut list = String::with_capacity(ids.len() * 8 + 2);
+    list.push('[');
+    for (i, id) in ids.iter().enumerate() {
+        if i > 0 {
+            list.push(',');
+        }
+        list.push_str(&id.to_string());
     }
+    list.push(']');
+    let marked = tx
+        .prepare_cached(
+            "UPDATE outbox SET published_at_ms = ?1
+             WHERE id IN (SELECT value FROM json_each(?2)) AND published_at_ms IS NULL",
+        )?
+        .execute(params![now_ms(), list])?;
     Ok(marked)
 }
 
