@@ -384,3 +384,21 @@ async fn consumer_retries_while_its_database_is_busy_and_then_applies_everything
     relay.stop().await;
     consumer.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_backlog_drains_through_a_broker_that_allows_many_messages_in_flight() {
+    // Regression (found by `make bench`): with the box's broker settings the broker
+    // sends faster than rumqttc sends acks; acks awaited on rumqttc's full request
+    // queue deadlocked the consumer after a few thousand events.
+    let broker = Broker::start_with("max_inflight_messages 1000\nmax_queued_messages 200000");
+    let p = Pair::new(&broker.url(), |c| c);
+    create_items(&p.producer, &p.outbox, "bulk", 12_000).await;
+    let (consumer, status) = p.spawn_consumer();
+    wait_for("consumer connected", 10, || status.connected()).await;
+    tokio::time::sleep(Duration::from_millis(100)).await; // the SUBACK
+    let relay = p.spawn_relay();
+    wait_for("all 12000 applied", 60, || status.applied() == 12_000).await;
+    assert_exactly_once_in_order(&p.consumer_path(), 12_000);
+    relay.stop().await;
+    consumer.stop().await;
+}
