@@ -197,8 +197,16 @@ pub async fn run(spec: Spec, args: ServiceArgs, shutdown: CancellationToken) -> 
         "ready"
     );
 
-    let relay_task = tokio::spawn(relay.run(shutdown.child_token()));
-    let consumer_task = tokio::spawn(consumer.run(shutdown.child_token()));
+    let relay_task = tokio::spawn(stop_all_when_done(
+        "relay",
+        relay.run(shutdown.child_token()),
+        shutdown.clone(),
+    ));
+    let consumer_task = tokio::spawn(stop_all_when_done(
+        "consumer",
+        consumer.run(shutdown.child_token()),
+        shutdown.clone(),
+    ));
     let maintenance = tokio::spawn(prune_idempotency_keys(
         db.clone(),
         cfg.clone(),
@@ -215,17 +223,8 @@ pub async fn run(spec: Spec, args: ServiceArgs, shutdown: CancellationToken) -> 
         maintenance
     );
     served.context("HTTP server failed")?;
-    for (what, r) in [
-        (
-            "relay",
-            relay_result.map(|j| j.map(|r| r.map_err(anyhow::Error::from))),
-        ),
-        (
-            "consumer",
-            consumer_result.map(|j| j.map(|r| r.map_err(anyhow::Error::from))),
-        ),
-    ] {
-        match r {
+    for (what, result) in [("relay", relay_result), ("consumer", consumer_result)] {
+        match result {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(e))) => return Err(e.context(what)),
             Ok(Err(join)) => anyhow::bail!("{what} task failed: {join}"),
@@ -234,6 +233,23 @@ pub async fn run(spec: Spec, args: ServiceArgs, shutdown: CancellationToken) -> 
     }
     tracing::info!(service = spec.name, "stopped");
     Ok(())
+}
+
+/// Runs a background part of the service; if it ends before the service is asked to
+/// stop (it failed), the whole service stops, so that it never serves writes that
+/// nothing would publish.
+async fn stop_all_when_done<E: Into<anyhow::Error>>(
+    what: &'static str,
+    part: impl std::future::Future<Output = Result<(), E>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let result = part.await.map_err(Into::into);
+    if shutdown.is_cancelled() {
+        return result;
+    }
+    tracing::error!("{what} ended before the service was asked to stop; stopping the service");
+    shutdown.cancel();
+    result.and_then(|()| Err(anyhow::anyhow!("{what} stopped unexpectedly")))
 }
 
 /// Deletes idempotency keys older than `--retention-ms`, every `--retention-interval-ms`.
