@@ -243,6 +243,7 @@ async fn walk(opts: &DemoOffline, conf: &std::path::Path, b: &mut Box_) -> anyho
         transaction_db: opts.dir.join("transaction-service.db"),
         users_source: "user-service".into(),
         transactions_source: "transaction-service".into(),
+        welcome_credit_cents: 1000,
     };
     let report = tokio::task::spawn_blocking(move || verify::verify(&target)).await??;
     print!("{}", report.render());

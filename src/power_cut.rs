@@ -659,6 +659,7 @@ fn check(b: &Box_, acks: &Acks) -> anyhow::Result<String> {
         transaction_db: b.mnt.join("transaction-service.db"),
         users_source: "user-service".into(),
         transactions_source: "transaction-service".into(),
+        welcome_credit_cents: 1000,
     })?;
     for c in report.checks.iter().filter(|c| !c.ok) {
         violations.push(format!("verify: {}: {}", c.name, c.detail));

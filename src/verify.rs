@@ -25,6 +25,9 @@ pub struct Target {
     pub transaction_db: PathBuf,
     pub users_source: String,
     pub transactions_source: String,
+    /// The welcome credit transaction-service grants (`--welcome-credit-cents`); 0 means
+    /// none is expected.
+    pub welcome_credit_cents: i64,
 }
 
 /// One invariant and whether it holds.
@@ -233,12 +236,15 @@ pub fn verify(target: &Target) -> Result<Report, VerifyError> {
         "one welcome credit per user",
         "SELECT 'user ' || u.id || ' has ' || (SELECT COUNT(*) FROM ledger.transactions t WHERE t.user_id = u.id AND t.welcome = 1) || ' welcome credits'
            FROM main.users u
-          WHERE (SELECT COUNT(*) FROM ledger.transactions t WHERE t.user_id = u.id AND t.welcome = 1) != 1
+          WHERE (SELECT COUNT(*) FROM ledger.transactions t WHERE t.user_id = u.id AND t.welcome = 1) != (?1 > 0)
          UNION ALL
          SELECT 'welcome credit ' || t.id || ' for user ' || t.user_id || ' unknown to user-service'
-           FROM ledger.transactions t WHERE t.welcome = 1 AND t.user_id NOT IN (SELECT id FROM main.users)",
-        &[],
-        format!("{users} users"),
+           FROM ledger.transactions t WHERE t.welcome = 1 AND t.user_id NOT IN (SELECT id FROM main.users)
+         UNION ALL
+         SELECT 'welcome credit ' || t.id || ' is ' || t.amount_cents || ' cents, not ' || ?1
+           FROM ledger.transactions t WHERE t.welcome = 1 AND t.amount_cents != ?1",
+        &[&target.welcome_credit_cents],
+        format!("{users} users, {} cents each", target.welcome_credit_cents),
     )?);
     checks.push(check(
         &conn,

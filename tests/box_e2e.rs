@@ -127,6 +127,10 @@ fn wait_until(what: &str, secs: u64, mut check: impl FnMut() -> bool) {
 }
 
 fn verify(dir: &Path) -> (i32, String) {
+    verify_with(dir, &[])
+}
+
+fn verify_with(dir: &Path, extra: &[&str]) -> (i32, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_edge-outbox"))
         .args([
             "verify",
@@ -137,6 +141,8 @@ fn verify(dir: &Path) -> (i32, String) {
             "--transaction-db",
             dir.join("transaction-service.db").to_str().unwrap(),
         ])
+        .args(extra)
+        .env_remove("WELCOME_CREDIT_CENTS")
         .output()
         .unwrap();
     (
@@ -262,6 +268,12 @@ fn users_get_one_welcome_credit_balances_match_the_ledger_and_verify_passes() {
     let (code, report) = verify(dir.path());
     assert_eq!(code, 0, "{report}");
     assert!(report.contains("all 9 checks passed"), "{report}");
+    let (code, report) = verify_with(dir.path(), &["--welcome-credit-cents", "500"]);
+    assert_eq!(code, 1, "{report}");
+    assert!(
+        report.contains("is 1000 cents, not 500"),
+        "a box configured otherwise is reported: {report}"
+    );
 
     // The same check must catch a broken invariant (the last user was not debited).
     let untouched = ids[USERS - 1];

@@ -44,6 +44,10 @@ enum Cmd {
         /// transaction-service's producer name (--source).
         #[arg(long, default_value = "transaction-service")]
         transactions_source: String,
+        /// The welcome credit transaction-service grants (its --welcome-credit-cents); 0
+        /// when it grants none.
+        #[arg(long, env = "WELCOME_CREDIT_CENTS", default_value_t = 1000)]
+        welcome_credit_cents: i64,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -70,6 +74,7 @@ fn main() -> ExitCode {
             transaction_db,
             users_source,
             transactions_source,
+            welcome_credit_cents,
             json,
         } => {
             let target = Target {
@@ -77,6 +82,7 @@ fn main() -> ExitCode {
                 transaction_db,
                 users_source,
                 transactions_source,
+                welcome_credit_cents,
             };
             match verify::verify(&target) {
                 Ok(report) => {
