@@ -23,8 +23,8 @@ pub struct Config {
     )]
     pub broker_url: String,
 
-    /// MQTT client id prefix; the relay connects as "<id>-relay" and the consumer as
-    /// "<id>-consumer" (stable, so that the broker keeps the consumer's session).
+    /// MQTT client id prefix; the relay connects as "ID-relay" and the consumer as
+    /// "ID-consumer" (stable, so that the broker keeps the consumer's session).
     #[arg(long, env = "MQTT_CLIENT_ID", default_value = "edge-outbox")]
     pub client_id: String,
 
@@ -352,6 +352,13 @@ mod tests {
             "reconnect_backoff_max_ms",
             d.reconnect_backoff_max_ms.to_string(),
         );
+
+        // Every field: parse no flags, with the environment switched off.
+        let no_env = cmd.mut_args(|a| a.env(clap::builder::Resettable::Reset));
+        let parsed =
+            <Cli as clap::FromArgMatches>::from_arg_matches(&no_env.get_matches_from(["x"]))
+                .unwrap();
+        assert_eq!(format!("{:?}", parsed.config), format!("{d:?}"));
     }
 
     #[test]

@@ -491,9 +491,7 @@ impl Processor<'_> {
             }
             self.known(key, head.head);
         }
-        let positions = &self.positions;
-        self.gaps
-            .retain(|key, gap| positions.get(key).copied().unwrap_or(0) < gap.known);
+        self.forget_closed_gaps();
         self.publish_status();
     }
 
@@ -560,8 +558,14 @@ impl Processor<'_> {
                 }
             }
         }
+        self.forget_closed_gaps();
+    }
+
+    /// Drops the gaps that the position has reached.
+    fn forget_closed_gaps(&mut self) {
+        let positions = &self.positions;
         self.gaps
-            .retain(|key, gap| self.positions.get(key).copied().unwrap_or(0) < gap.known);
+            .retain(|key, gap| positions.get(key).copied().unwrap_or(0) < gap.known);
     }
 
     /// Tells each producer what this consumer has applied (retained), so that its

@@ -207,6 +207,18 @@ impl DbOptions {
     }
 }
 
+impl DbOptions {
+    /// Database options from the outbox settings.
+    pub fn from_config(path: impl Into<std::path::PathBuf>, config: &crate::Config) -> DbOptions {
+        DbOptions {
+            synchronous: config.db_synchronous,
+            busy_timeout_ms: config.db_busy_timeout_ms,
+            write_batch_max: config.db_write_batch_max,
+            ..DbOptions::new(path)
+        }
+    }
+}
+
 /// A reader connection from the pool.
 pub type ReadConn = r2d2::PooledConnection<SqliteConnectionManager>;
 

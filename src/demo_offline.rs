@@ -7,10 +7,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::process::Command;
 
-use crate::run_all::{bin_dir, free_port, spawn, stop, wait_listening, Output, Proc};
+use crate::run_all::{
+    bin_dir, free_port, http, spawn, stop, wait_healthy, wait_listening, Output, Proc,
+};
 use crate::verify::{self, Target};
 
 /// Settings of the walk-through.
@@ -25,27 +27,6 @@ pub struct DemoOffline {
     /// Where the demo keeps its databases and logs (wiped at start).
     #[arg(long, default_value = "data/demo-offline")]
     pub dir: PathBuf,
-}
-
-/// One HTTP call, off the async threads.
-async fn http(
-    method: &'static str,
-    url: String,
-    body: Option<Value>,
-) -> anyhow::Result<(u16, Value)> {
-    tokio::task::spawn_blocking(move || {
-        let req = ureq::request(method, &url).timeout(Duration::from_secs(10));
-        let res = match body {
-            Some(b) => req.send_json(b),
-            None => req.call(),
-        };
-        match res {
-            Ok(r) => Ok((r.status(), r.into_json().unwrap_or(Value::Null))),
-            Err(ureq::Error::Status(code, r)) => Ok((code, r.into_json().unwrap_or(Value::Null))),
-            Err(e) => Err(anyhow::anyhow!("{method} {url}: {e}")),
-        }
-    })
-    .await?
 }
 
 fn say(step: &str) {
@@ -142,16 +123,9 @@ pub async fn run(opts: DemoOffline) -> anyhow::Result<()> {
 
 async fn walk(opts: &DemoOffline, conf: &std::path::Path, b: &mut Box_) -> anyhow::Result<()> {
     for base in [&b.users, &b.ledger] {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while http("GET", format!("{base}/healthz"), None).await.is_err() {
-            if tokio::time::Instant::now() > deadline {
-                bail!(
-                    "{base} did not answer within 20 s; see the logs in {}",
-                    opts.dir.display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_healthy(base)
+            .await
+            .with_context(|| format!("see the logs in {}", opts.dir.display()))?;
     }
 
     say("1. With the broker up: creating 3 users");

@@ -20,9 +20,10 @@ pub const SPEC_VERSION: &str = "1.0";
 /// The only `datacontenttype` this program writes and accepts.
 pub const CONTENT_TYPE: &str = "application/json";
 
-/// One event, as on the wire.
+/// One event, as on the wire. `D` is the payload: `serde_json::Value` when received;
+/// the producer's own type when enqueued, so that it is serialised only once.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CloudEvent {
+pub struct CloudEvent<D = serde_json::Value> {
     /// Always "1.0".
     pub specversion: String,
     /// A UUIDv7, unique per event.
@@ -44,7 +45,7 @@ pub struct CloudEvent {
     /// Extension: the position in the stream, 20 zero-padded digits.
     pub sequence: String,
     /// The event's payload.
-    pub data: serde_json::Value,
+    pub data: D,
 }
 
 /// Formats a sequence number the way the `sequence` attribute carries it.

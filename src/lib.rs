@@ -19,6 +19,10 @@
 //! | inbox: order, dedup, dead letters, handlers | [`inbox`] |
 //! | settings, backoff, MQTT options | [`config`], [`retry`], [`mqtt`] |
 //!
+//! The box built on it: [`service`] (HTTP plumbing, start-up, shutdown),
+//! [`user_service`], [`transaction_service`], and the admin commands [`verify`],
+//! [`run_all`], [`demo_offline`], [`power_cut`].
+//!
 //! docs/ARCHITECTURE.md draws the same flow and maps each guarantee to its file;
 //! docs/recovery.md describes how lost events are detected and replayed.
 
@@ -52,15 +56,3 @@ pub use db::{Database, DbOptions};
 pub use inbox::{HandlerError, Handlers, StreamKey};
 pub use outbox::{NewEvent, Outbox};
 pub use relay::Relay;
-
-impl DbOptions {
-    /// Database options from the outbox settings.
-    pub fn from_config(path: impl Into<std::path::PathBuf>, config: &Config) -> DbOptions {
-        DbOptions {
-            synchronous: config.db_synchronous,
-            busy_timeout_ms: config.db_busy_timeout_ms,
-            write_batch_max: config.db_write_batch_max,
-            ..DbOptions::new(path)
-        }
-    }
-}

@@ -142,7 +142,6 @@ impl Outbox {
                 "topic {topic:?} is too long"
             )));
         }
-        let data = serde_json::to_value(event.data)?;
 
         let seq: i64 = tx
             .prepare_cached(
@@ -164,7 +163,7 @@ impl Outbox {
             datacontenttype: envelope::CONTENT_TYPE.into(),
             stream: event.stream.into(),
             sequence: envelope::format_sequence(seq),
-            data,
+            data: event.data,
         };
         let payload = serde_json::to_vec(&envelope)?;
         if payload.len() > self.payload_max_bytes {

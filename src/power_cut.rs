@@ -24,7 +24,7 @@ use rusqlite::{Connection, OpenFlags};
 use serde_json::{json, Value};
 use tokio::process::Command;
 
-use crate::run_all::{bin_dir, free_port, spawn, wait_listening, Output, Proc};
+use crate::run_all::{bin_dir, free_port, http, spawn, wait_healthy, wait_listening, Output, Proc};
 use crate::verify::{self, Target};
 
 /// `FS_IOC_SHUTDOWN`: `_IOR('X', 125, __u32)`.
@@ -316,27 +316,6 @@ fn all_threads_stopped(pid: u32) -> bool {
     })
 }
 
-async fn wait_healthy(base: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let url = format!("{base}/healthz");
-        let ok = tokio::task::spawn_blocking(move || {
-            ureq::get(&url)
-                .timeout(Duration::from_secs(2))
-                .call()
-                .is_ok()
-        })
-        .await?;
-        if ok {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("{base} not healthy within 30 s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Retries of one request at most (100 ms apart) before the client gives up on it.
 const RETRIES_MAX: u32 = 600;
 
@@ -540,15 +519,9 @@ async fn drain(b: &Box_) -> anyhow::Result<()> {
     loop {
         let mut idle = true;
         for base in [b.users(), b.ledger()] {
-            let url = format!("{base}/outbox");
-            let s: Value = tokio::task::spawn_blocking(move || {
-                ureq::get(&url)
-                    .call()
-                    .ok()
-                    .and_then(|r| r.into_json().ok())
-                    .unwrap_or(Value::Null)
-            })
-            .await?;
+            let s = http("GET", format!("{base}/outbox"), None)
+                .await
+                .map_or(Value::Null, |(_, v)| v);
             let lag: u64 = s["consumer"]["streams"].as_object().map_or(1, |m| {
                 m.values().map(|v| v["lag"].as_u64().unwrap_or(1)).sum()
             });

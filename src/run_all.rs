@@ -12,6 +12,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::signal::unix::{signal, SignalKind};
@@ -140,6 +141,39 @@ pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
+}
+
+/// One HTTP call, off the async threads.
+pub(crate) async fn http(
+    method: &'static str,
+    url: String,
+    body: Option<Value>,
+) -> anyhow::Result<(u16, Value)> {
+    tokio::task::spawn_blocking(move || {
+        let req = ureq::request(method, &url).timeout(Duration::from_secs(10));
+        let res = match body {
+            Some(b) => req.send_json(b),
+            None => req.call(),
+        };
+        match res {
+            Ok(r) => Ok((r.status(), r.into_json().unwrap_or(Value::Null))),
+            Err(ureq::Error::Status(code, r)) => Ok((code, r.into_json().unwrap_or(Value::Null))),
+            Err(e) => Err(anyhow::anyhow!("{method} {url}: {e}")),
+        }
+    })
+    .await?
+}
+
+/// Waits until `base`/healthz answers, for at most 30 s.
+pub(crate) async fn wait_healthy(base: &str) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while http("GET", format!("{base}/healthz"), None).await.is_err() {
+        if tokio::time::Instant::now() > deadline {
+            bail!("{base} did not answer /healthz within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
 }
 
 /// Runs the box until Ctrl-C, SIGTERM, or one of its processes exits.

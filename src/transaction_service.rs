@@ -21,7 +21,7 @@ use crate::db::{Migration, Schema};
 use crate::envelope::CloudEvent;
 use crate::inbox::{HandlerError, Handlers};
 use crate::outbox::{NewEvent, Outbox, OutboxError};
-use crate::service::http::{page, ApiError, AppJson, AppPath, AppQuery};
+use crate::service::http::{next_after, page, ApiError, AppJson, AppPath, AppQuery};
 use crate::service::idempotency::{self, IdempotencyKey};
 use crate::service::{AppState, Spec};
 use crate::StreamKey;
@@ -269,9 +269,7 @@ async fn list_transactions(
             Ok(rows)
         })
         .await?;
-    let next_after = (entries.len() == limit as usize)
-        .then(|| entries.last().map(|e| e.id))
-        .flatten();
+    let next_after = next_after(entries.len(), limit, entries.last().map(|x| x.id));
     Ok(Json(
         json!({ "transactions": entries, "next_after": next_after }),
     ))

@@ -17,7 +17,7 @@ use crate::db::{Migration, Schema};
 use crate::envelope::CloudEvent;
 use crate::inbox::{HandlerError, Handlers};
 use crate::outbox::NewEvent;
-use crate::service::http::{page, ApiError, AppJson, AppPath, AppQuery};
+use crate::service::http::{next_after, page, ApiError, AppJson, AppPath, AppQuery};
 use crate::service::idempotency::{self, IdempotencyKey};
 use crate::service::{AppState, Spec};
 use crate::StreamKey;
@@ -204,9 +204,7 @@ async fn list_users(
             Ok(users)
         })
         .await?;
-    let next_after = (users.len() == limit as usize)
-        .then(|| users.last().map(|u| u.id))
-        .flatten();
+    let next_after = next_after(users.len(), limit, users.last().map(|x| x.id));
     Ok(Json(json!({ "users": users, "next_after": next_after })))
 }
 

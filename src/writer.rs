@@ -17,7 +17,7 @@
 //! A request learns its result only after the COMMIT returned, so nothing is reported
 //! as done before it is durable. If the COMMIT fails, every request of the batch fails.
 //! Requests are closures that receive `&rusqlite::Transaction`, so that functions such
-//! as [`crate::outbox::enqueue`] can demand, by type, to run inside a transaction.
+//! as [`crate::outbox::Outbox::enqueue`] can demand, by type, to run inside a transaction.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};

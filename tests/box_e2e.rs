@@ -312,23 +312,8 @@ fn verify_refuses_missing_or_foreign_databases_with_exit_code_2() {
 
 #[test]
 fn the_offline_demo_runs_to_the_end_and_its_verify_passes() {
-    support::Broker::reserve(""); // fails loudly when mosquitto is missing
     let dir = tempfile::tempdir().unwrap();
-    let bin_dir = Path::new(env!("CARGO_BIN_EXE_user-service"))
-        .parent()
-        .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_edge-outbox"))
-        .args([
-            "demo-offline",
-            "--dir",
-            dir.path().join("demo").to_str().unwrap(),
-        ])
-        .arg("--bin-dir")
-        .arg(bin_dir)
-        .env(
-            "PATH",
-            format!("{}:/usr/sbin", std::env::var("PATH").unwrap_or_default()),
-        )
+    let out = box_command("demo-offline", &dir.path().join("demo"))
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -344,27 +329,33 @@ fn the_offline_demo_runs_to_the_end_and_its_verify_passes() {
     assert!(text.contains("verify: all 9 checks passed"), "{text}");
 }
 
-/// Runs `edge-outbox power-cut` with `args`; returns its output, or None when it
-/// skipped (said loudly).
-fn power_cut(test: &str, args: &[&str]) -> Option<String> {
+/// `edge-outbox SUBCOMMAND --dir DIR` for a command that runs a box of its own: the
+/// services from this build, mosquitto from Debian's /usr/sbin.
+fn box_command(subcommand: &str, dir: &Path) -> Command {
     support::Broker::reserve(""); // fails loudly when mosquitto is missing
-    let dir = tempfile::tempdir().unwrap();
     let bin_dir = Path::new(env!("CARGO_BIN_EXE_user-service"))
         .parent()
         .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_edge-outbox"))
-        .arg("power-cut")
-        .args(args)
-        .args(["--dir", dir.path().join("pc").to_str().unwrap()])
+    let path = format!(
+        "{}:/usr/sbin:/sbin",
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_edge-outbox"));
+    cmd.arg(subcommand)
+        .arg("--dir")
+        .arg(dir)
         .arg("--bin-dir")
         .arg(bin_dir)
-        .env(
-            "PATH",
-            format!(
-                "{}:/usr/sbin:/sbin",
-                std::env::var("PATH").unwrap_or_default()
-            ),
-        )
+        .env("PATH", path);
+    cmd
+}
+
+/// Runs `edge-outbox power-cut` with `args`; returns its output, or None when it
+/// skipped (said loudly).
+fn power_cut(test: &str, args: &[&str]) -> Option<String> {
+    let dir = tempfile::tempdir().unwrap();
+    let out = box_command("power-cut", &dir.path().join("pc"))
+        .args(args)
         .output()
         .unwrap();
     let text = format!(

@@ -53,8 +53,8 @@ const REPLAY_MIN_INTERVAL: Duration = Duration::from_millis(500);
 const REPLAY_MEMORY_MAX: usize = 10_000;
 /// Streams one position report may list at most.
 const REPORT_STREAMS_MAX: usize = 1_000;
-/// Wait before marking again after a failed mark.
-const MARK_RETRY_DELAY: Duration = Duration::from_secs(1);
+/// Wait before reading or marking again after a failed read or mark.
+const DB_RETRY_DELAY: Duration = Duration::from_secs(1);
 /// Time given to the DISCONNECT packet on shutdown.
 const DISCONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
@@ -262,7 +262,7 @@ impl Relay {
         let mut st = State::new();
         let mut fetch: Option<BoxFuture<FetchResult>> = None;
         let mut mark: Option<BoxFuture<MarkResult>> = None;
-        let mut mark_retry_at: Option<Instant> = None;
+        let mut db_retry_at: Option<Instant> = None;
         let mut poll_tick = interval(Config::ms(cfg.relay_poll_interval_ms));
         let mut heads_tick = interval(Config::ms(cfg.relay_heads_interval_ms));
         let mut retention_tick = interval(Config::ms(cfg.retention_interval_ms));
@@ -284,6 +284,7 @@ impl Relay {
             if drain_deadline.is_none()
                 && st.connected
                 && fetch.is_none()
+                && db_retry_at.is_none()
                 && st.maybe_more
                 && st.buffer.len() <= cfg.relay_batch_max / 2
             {
@@ -296,7 +297,7 @@ impl Relay {
                     (generations, limit, rows)
                 }));
             }
-            if mark.is_none() && !st.acked.is_empty() && mark_retry_at.is_none() {
+            if mark.is_none() && !st.acked.is_empty() && db_retry_at.is_none() {
                 let ids = std::mem::take(&mut st.acked);
                 let (writer, batch) = (self.db.writer().clone(), ids.clone());
                 mark = Some(Box::pin(async move {
@@ -384,7 +385,7 @@ impl Relay {
                             if let Some(suppressed) = db_log.allow() {
                                 tracing::error!(error = %e, suppressed, "relay cannot read the outbox");
                             }
-                            sleep(MARK_RETRY_DELAY).await;
+                            db_retry_at = Some(Instant::now() + DB_RETRY_DELAY);
                         }
                     }
                 }
@@ -403,12 +404,12 @@ impl Relay {
                                 tracing::error!(error = %e, rows = ids.len(), suppressed, "relay cannot mark rows published; retrying (they may be published twice)");
                             }
                             st.acked.extend(ids);
-                            mark_retry_at = Some(Instant::now() + MARK_RETRY_DELAY);
+                            db_retry_at = Some(Instant::now() + DB_RETRY_DELAY);
                         }
                     }
                 }
-                _ = sleep_until(mark_retry_at.unwrap_or_else(Instant::now)), if mark_retry_at.is_some() => {
-                    mark_retry_at = None;
+                _ = sleep_until(db_retry_at.unwrap_or_else(Instant::now)), if db_retry_at.is_some() => {
+                    db_retry_at = None;
                 }
                 _ = inserted.notified() => st.wake(),
                 _ = poll_tick.tick() => {
@@ -502,14 +503,7 @@ impl Relay {
                 continue; // in flight or being marked already
             }
             st.correlator.queued(Some(row.id));
-            let PendingRow {
-                id,
-                event_id,
-                stream,
-                seq,
-                topic,
-                payload,
-            } = row;
+            let (topic, payload) = (row.topic, row.payload);
             if let Err(e) = client.try_publish(topic, QoS::AtLeastOnce, false, payload) {
                 st.correlator.unqueue_last();
                 tracing::debug!(error = %e, "relay: MQTT request queue full; will retry");
@@ -517,20 +511,17 @@ impl Relay {
                 if let rumqttc::ClientError::TryRequest(rumqttc::Request::Publish(p)) = e {
                     let (topic, payload) = (p.topic, p.payload.to_vec());
                     st.buffer.push_front(PendingRow {
-                        id,
-                        event_id,
-                        stream,
-                        seq,
                         topic,
                         payload,
+                        ..row
                     });
                 } else {
                     st.rewind(); // cannot happen; fetch everything again rather than lose it
                 }
                 return;
             }
-            tracing::debug!(%event_id, %stream, seq, "publishing");
-            st.sent.insert(id);
+            tracing::debug!(event_id = %row.event_id, stream = %row.stream, seq = row.seq, "publishing");
+            st.sent.insert(row.id);
         }
     }
 

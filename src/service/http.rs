@@ -265,6 +265,11 @@ where
     }
 }
 
+/// The cursor for the next page: the last id when the page came back full.
+pub fn next_after(rows: usize, limit: u32, last_id: Option<i64>) -> Option<i64> {
+    (rows == limit as usize).then_some(last_id).flatten()
+}
+
 /// The most rows one page returns.
 pub const PAGE_MAX: u32 = 500;
 

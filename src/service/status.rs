@@ -10,7 +10,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::http::{page, ApiError, AppQuery};
+use super::http::{next_after, page, ApiError, AppQuery};
 use super::AppState;
 use crate::outbox::{self, RowFilter};
 
@@ -137,8 +137,6 @@ async fn outbox_events(
         .db
         .read(move |c| outbox::list(c, filter, after, limit, newest_first))
         .await?;
-    let next_after = (rows.len() == limit as usize)
-        .then(|| rows.last().map(|r| r.id))
-        .flatten();
+    let next_after = next_after(rows.len(), limit, rows.last().map(|x| x.id));
     Ok(Json(json!({ "events": rows, "next_after": next_after })))
 }
