@@ -84,6 +84,8 @@ fn main() {
 
     let payload_len = envelope_len();
     let mut rows: Vec<[String; 5]> = Vec::new();
+    // Tables printed after the figures.
+    let mut notes: Vec<String> = Vec::new();
 
     // BENCH_ONLY=drain,e2e,http,latency runs only those figures (when chasing one).
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
@@ -129,12 +131,24 @@ fn main() {
 
     // 3 and 4. POST /users, 64 connections.
     if want("http") {
-        let http = |mode: HttpMode, n: usize| {
-            Figure(
-                (0..plan.runs)
-                    .map(|r| post_users(&broker, dir.path(), r, mode, n))
-                    .collect(),
-            )
+        let mut cpu_rows = String::from(
+            "\n| POST /users, CPU (median of the runs) | user-service per request | \
+             transaction-service per request | machine busy during the load | \
+             user-service disk writes per request |\n|---|---|---|---|---|\n",
+        );
+        let mut http = |mode: HttpMode, n: usize| {
+            let runs: Vec<HttpRun> = (0..plan.runs)
+                .map(|r| post_users(&broker, dir.path(), r, mode, n))
+                .collect();
+            let median = |f: fn(&HttpRun) -> f64| Figure(runs.iter().map(f).collect()).median();
+            cpu_rows.push_str(&format!(
+                "| {mode:?} | {:.0} µs | {:.0} µs | {:.0}% | {:.1} KiB |\n",
+                median(|r| r.user_cpu_us),
+                median(|r| r.ledger_cpu_us),
+                median(|r| r.busy) * 100.0,
+                median(|r| r.user_disk_bytes) / 1024.0
+            ));
+            Figure(runs.iter().map(|r| r.rate).collect())
         };
         let full_rate = http(HttpMode::Full, plan.http_requests);
         let off_rate = http(HttpMode::Off, plan.http_requests);
@@ -142,6 +156,7 @@ fn main() {
             HttpMode::OneWritePerTransaction,
             plan.http_requests_fsync_bound,
         );
+        notes.push(cpu_rows);
         rows.push(row(
             "POST /users, 64 keep-alive connections, FULL, requests/s",
             &full_rate,
@@ -170,6 +185,9 @@ fn main() {
         Default::default()
     };
     println!("\n{}", render(&rows));
+    for note in &notes {
+        println!("{note}");
+    }
     println!("{lat}");
     println!("{idle}");
     println!(
@@ -571,7 +589,20 @@ impl Drop for Services {
 }
 
 /// POST /users from 64 keep-alive connections, `n` requests in all. Requests/s.
-fn post_users(broker: &Broker, dir: &Path, run: usize, mode: HttpMode, n: usize) -> f64 {
+/// One run of POST /users: requests/s, and where the CPU went.
+struct HttpRun {
+    rate: f64,
+    /// CPU time of user-service per request, during the load.
+    user_cpu_us: f64,
+    /// CPU time of transaction-service per request, until it applied every event.
+    ledger_cpu_us: f64,
+    /// Share of the machine's CPU time that was busy during the load.
+    busy: f64,
+    /// Bytes user-service sent to the disk per request (its /proc/PID/io write_bytes).
+    user_disk_bytes: f64,
+}
+
+fn post_users(broker: &Broker, dir: &Path, run: usize, mode: HttpMode, n: usize) -> HttpRun {
     let extra: &[&str] = match mode {
         HttpMode::Full => &[],
         HttpMode::Off => &["--db-synchronous", "off"],
@@ -581,6 +612,9 @@ fn post_users(broker: &Broker, dir: &Path, run: usize, mode: HttpMode, n: usize)
     let services = Services::start(broker, dir, &tag, extra);
     let url = format!("{}/users", services.users);
     let per = n / 64;
+    let cpu = |i: usize| cpu_seconds(services.pids[i]);
+    let (user_cpu, ledger_cpu, machine) = (cpu(0), cpu(1), machine_cpu());
+    let user_disk = disk_write_bytes(services.pids[0]);
     let started = Instant::now();
     std::thread::scope(|s| {
         for t in 0..64 {
@@ -597,8 +631,45 @@ fn post_users(broker: &Broker, dir: &Path, run: usize, mode: HttpMode, n: usize)
         }
     });
     let rate = (per * 64) as f64 / started.elapsed().as_secs_f64();
+    let user_cpu = cpu(0) - user_cpu;
+    let user_disk = disk_write_bytes(services.pids[0]) - user_disk;
+    let (busy, total) = machine_cpu();
+    let busy = (busy - machine.0) / (total - machine.1).max(1.0);
     services.assert_all_applied(per * 64);
-    rate
+    let per_request = |s: f64| s * 1e6 / (per * 64) as f64;
+    HttpRun {
+        rate,
+        user_cpu_us: per_request(user_cpu),
+        ledger_cpu_us: per_request(cpu(1) - ledger_cpu),
+        busy,
+        user_disk_bytes: user_disk / (per * 64) as f64,
+    }
+}
+
+/// Bytes a process has caused to be written to storage so far.
+fn disk_write_bytes(pid: u32) -> f64 {
+    proc_field(pid, "io")
+        .lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Busy and total CPU time of the whole machine so far (jiffies, from /proc/stat).
+fn machine_cpu() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: f64 = v.iter().take(8).sum();
+    // idle and iowait are fields 4 and 5.
+    let idle = v.get(3).copied().unwrap_or(0.0) + v.get(4).copied().unwrap_or(0.0);
+    (total - idle, total)
 }
 
 /// p50 and p99 of `v` (in microseconds) as milliseconds.
