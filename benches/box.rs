@@ -109,7 +109,7 @@ fn main() {
                 &drain,
                 "bare rumqttc QoS1 publisher, 100 in flight",
                 &bare,
-                ">= 0.9x",
+                0.9,
             ));
         }
         // 2. End to end with FULL durability on both sides.
@@ -124,7 +124,7 @@ fn main() {
                 &e2e,
                 "the same bare publisher",
                 &bare,
-                ">= 0.5x",
+                0.5,
             ));
         }
     }
@@ -162,17 +162,14 @@ fn main() {
             &full_rate,
             "same with synchronous=OFF",
             &off_rate,
-            ">= 0.5x",
+            0.5,
         ));
-        let target = if single.median() * 10.0 > off_rate.median() {
-            ">= the OFF rate (10x is above it)"
-        } else {
-            ">= 10x"
-        };
+        // 10x the fsync-bound rate, or the OFF rate when that is lower.
+        let target = (off_rate.median() / single.median()).min(10.0);
         rows.push(row(
             "POST /users, 64 connections, FULL (group commit), requests/s",
             &full_rate,
-            "one write per transaction at FULL (fsync-bound)",
+            "one write per transaction at FULL (fsync-bound; target: 10x it or the OFF rate, whichever is lower)",
             &single,
             target,
         ));
@@ -197,14 +194,20 @@ fn main() {
     );
 }
 
-fn row(what: &str, value: &Figure, baseline: &str, base: &Figure, target: &str) -> [String; 5] {
+/// A table row; `target` is the lowest ratio of the medians that meets the target.
+fn row(what: &str, value: &Figure, baseline: &str, base: &Figure, target: f64) -> [String; 5] {
     let ratio = value.median() / base.median();
+    let verdict = if ratio >= target {
+        "met".to_string()
+    } else {
+        format!("MISSED by {:.0}%", (1.0 - ratio / target) * 100.0)
+    };
     [
         what.into(),
         format!("{:.0} ({})", value.median(), value.spread()),
         format!("{baseline}: {:.0} ({})", base.median(), base.spread()),
         format!("{ratio:.2}x"),
-        target.into(),
+        format!(">= {target:.2}x: {verdict}"),
     ]
 }
 
