@@ -91,37 +91,34 @@ fn main() {
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let want = |f: &str| only.is_empty() || only.split(',').any(|o| o == f);
 
-    // 1. Relay drain vs a bare publisher.
+    // 1. Relay drain vs a bare publisher, and 2. end to end with FULL durability on
+    // both sides. The runs alternate (bare, drain, end to end, bare, ...) so that a
+    // change in the shared machine's load hits the figure and its baseline alike.
     if want("drain") || want("e2e") {
-        let bare = Figure(
-            (0..plan.runs)
-                .map(|_| bare_publisher(&broker, plan.events, payload_len))
-                .collect(),
-        );
+        let (mut bare, mut drain, mut e2e) = (Vec::new(), Vec::new(), Vec::new());
+        for r in 0..plan.runs {
+            bare.push(bare_publisher(&broker, plan.events, payload_len));
+            if want("drain") {
+                drain.push(relay_drain(&broker, dir.path(), r, plan.events));
+            }
+            if want("e2e") {
+                e2e.push(end_to_end(&broker, dir.path(), r, plan.events));
+            }
+        }
+        let bare = Figure(bare);
         if want("drain") {
-            let drain = Figure(
-                (0..plan.runs)
-                    .map(|r| relay_drain(&broker, dir.path(), r, plan.events))
-                    .collect(),
-            );
             rows.push(row(
                 "relay drain: pending rows -> all PUBACKed and marked, events/s",
-                &drain,
+                &Figure(drain),
                 "bare rumqttc QoS1 publisher, 100 in flight",
                 &bare,
                 0.9,
             ));
         }
-        // 2. End to end with FULL durability on both sides.
         if want("e2e") {
-            let e2e = Figure(
-                (0..plan.runs)
-                    .map(|r| end_to_end(&broker, dir.path(), r, plan.events))
-                    .collect(),
-            );
             rows.push(row(
                 "end to end: backlog -> all applied by the consumer, events/s",
-                &e2e,
+                &Figure(e2e),
                 "the same bare publisher",
                 &bare,
                 0.5,
@@ -136,26 +133,33 @@ fn main() {
              transaction-service per request | machine busy during the load | \
              user-service disk writes per request |\n|---|---|---|---|---|\n",
         );
-        let mut http = |mode: HttpMode, n: usize| {
-            let runs: Vec<HttpRun> = (0..plan.runs)
-                .map(|r| post_users(&broker, dir.path(), r, mode, n))
-                .collect();
-            let median = |f: fn(&HttpRun) -> f64| Figure(runs.iter().map(f).collect()).median();
+        // The modes alternate run by run, like the drains.
+        let modes = [
+            (HttpMode::Full, plan.http_requests),
+            (HttpMode::Off, plan.http_requests),
+            (
+                HttpMode::OneWritePerTransaction,
+                plan.http_requests_fsync_bound,
+            ),
+        ];
+        let mut runs: [Vec<HttpRun>; 3] = Default::default();
+        for r in 0..plan.runs {
+            for (i, (mode, n)) in modes.iter().enumerate() {
+                runs[i].push(post_users(&broker, dir.path(), r, *mode, *n));
+            }
+        }
+        let [full_rate, off_rate, single] = [0, 1, 2].map(|i| {
+            let median = |f: fn(&HttpRun) -> f64| Figure(runs[i].iter().map(f).collect()).median();
             cpu_rows.push_str(&format!(
-                "| {mode:?} | {:.0} µs | {:.0} µs | {:.0}% | {:.1} KiB |\n",
+                "| {:?} | {:.0} µs | {:.0} µs | {:.0}% | {:.1} KiB |\n",
+                modes[i].0,
                 median(|r| r.user_cpu_us),
                 median(|r| r.ledger_cpu_us),
                 median(|r| r.busy) * 100.0,
                 median(|r| r.user_disk_bytes) / 1024.0
             ));
-            Figure(runs.iter().map(|r| r.rate).collect())
-        };
-        let full_rate = http(HttpMode::Full, plan.http_requests);
-        let off_rate = http(HttpMode::Off, plan.http_requests);
-        let single = http(
-            HttpMode::OneWritePerTransaction,
-            plan.http_requests_fsync_bound,
-        );
+            Figure(runs[i].iter().map(|r| r.rate).collect())
+        });
         notes.push(cpu_rows);
         rows.push(row(
             "POST /users, 64 keep-alive connections, FULL, requests/s",
