@@ -595,7 +595,6 @@ impl Drop for Services {
     }
 }
 
-/// POST /users from 64 keep-alive connections, `n` requests in all. Requests/s.
 /// One run of POST /users: requests/s, and where the CPU went.
 struct HttpRun {
     rate: f64,
@@ -609,6 +608,8 @@ struct HttpRun {
     user_disk_bytes: f64,
 }
 
+/// POST /users from 64 keep-alive connections, `n` requests in all; checks that every
+/// 201 produced exactly one applied event.
 fn post_users(broker: &Broker, dir: &Path, run: usize, mode: HttpMode, n: usize) -> HttpRun {
     let extra: &[&str] = match mode {
         HttpMode::Full => &[],
