@@ -644,13 +644,13 @@ fn post_users(broker: &Broker, dir: &Path, run: usize, mode: HttpMode, n: usize)
     let (busy, total) = machine_cpu();
     let busy = (busy - machine.0) / (total - machine.1).max(1.0);
     services.assert_all_applied(per * 64);
-    let per_request = |s: f64| s * 1e6 / (per * 64) as f64;
+    let per_request = |x: f64| x / (per * 64) as f64;
     HttpRun {
         rate,
-        user_cpu_us: per_request(user_cpu),
-        ledger_cpu_us: per_request(cpu(1) - ledger_cpu),
+        user_cpu_us: per_request(user_cpu * 1e6),
+        ledger_cpu_us: per_request((cpu(1) - ledger_cpu) * 1e6),
         busy,
-        user_disk_bytes: user_disk / (per * 64) as f64,
+        user_disk_bytes: per_request(user_disk),
     }
 }
 

@@ -132,34 +132,21 @@ pub struct Config {
 }
 
 impl Default for Config {
+    /// The flags' defaults, as `--help` shows them; the environment is not read.
     fn default() -> Self {
-        Config {
-            broker_url: "mqtt://127.0.0.1:1883".into(),
-            client_id: "edge-outbox".into(),
-            source: "edge-outbox".into(),
-            topic_prefix: "edge-outbox".into(),
-            payload_max_bytes: 256 * 1024,
-            outbox_backlog_max_events: 1_000_000,
-            outbox_backlog_max_bytes: 1024 * 1024 * 1024,
-            relay_inflight_max: 100,
-            relay_batch_max: 500,
-            relay_heads_interval_ms: 5_000,
-            relay_poll_interval_ms: 1_000,
-            consumer_batch_max: 256,
-            consumer_gap_timeout_ms: 1_000,
-            consumer_replay_retry_ms: 5_000,
-            consumer_report_interval_ms: 30_000,
-            retention_ms: 7 * 24 * 3600 * 1000,
-            consumer_expiry_ms: 30 * 24 * 3600 * 1000,
-            retention_interval_ms: 3600 * 1000,
-            reconnect_backoff_min_ms: 100,
-            reconnect_backoff_max_ms: 10_000,
-            mqtt_keep_alive_s: 10,
-            db_synchronous: Synchronous::Full,
-            db_busy_timeout_ms: 5_000,
-            db_write_batch_max: 512,
-            shutdown_timeout_ms: 5_000,
+        #[derive(clap::Parser)]
+        struct Defaults {
+            #[command(flatten)]
+            config: Config,
         }
+        let cmd = <Defaults as clap::CommandFactory>::command()
+            .mut_args(|a| a.env(clap::builder::Resettable::Reset));
+        let matches = cmd
+            .try_get_matches_from(["edge-outbox"])
+            .expect("every setting has a default");
+        <Defaults as clap::FromArgMatches>::from_arg_matches(&matches)
+            .expect("the defaults parse")
+            .config
     }
 }
 
@@ -317,7 +304,7 @@ mod tests {
     }
 
     #[test]
-    fn clap_defaults_match_default_impl() {
+    fn clap_defaults_match_default_impl_and_ignore_the_environment() {
         #[derive(clap::Parser)]
         struct Cli {
             #[command(flatten)]
@@ -359,6 +346,11 @@ mod tests {
             <Cli as clap::FromArgMatches>::from_arg_matches(&no_env.get_matches_from(["x"]))
                 .unwrap();
         assert_eq!(format!("{:?}", parsed.config), format!("{d:?}"));
+
+        // Config::default() takes the flags' defaults, never the environment (nextest
+        // runs each test in its own process, so the variable stays here).
+        std::env::set_var("MQTT_URL", "mqtt://elsewhere:1883");
+        assert_eq!(Config::default().broker_url, "mqtt://127.0.0.1:1883");
     }
 
     #[test]

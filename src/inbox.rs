@@ -184,7 +184,13 @@ pub fn apply_batch(
             _ => None,
         };
         if let Some((key, seq)) = advanced {
-            positions.insert(key.clone(), (seq, true));
+            // apply_one looked the stream's position up, so it is in the map.
+            match positions.get_mut(key) {
+                Some(p) => *p = (seq, true),
+                None => {
+                    positions.insert(key.clone(), (seq, true));
+                }
+            }
         }
         let stop = matches!(outcome, Outcome::Retry(_));
         outcomes.push(outcome);

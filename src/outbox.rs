@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde::Serialize;
 
-use crate::clock::now_ms;
+use crate::clock::{ms_since_epoch, now_ms};
 use crate::config::Config;
 use crate::db::DbError;
 use crate::envelope::{self, CloudEvent};
@@ -151,7 +151,8 @@ impl Outbox {
             )?
             .query_row([event.stream], |r| r.get(0))?;
         let seq = seq as u64;
-        let now = now_ms();
+        // One reading of the clock for the row and the envelope.
+        let now = std::time::SystemTime::now();
         let event_id = uuid::Uuid::now_v7().to_string();
         let envelope = CloudEvent {
             specversion: envelope::SPEC_VERSION.into(),
@@ -159,7 +160,7 @@ impl Outbox {
             source: self.source.clone(),
             event_type: event.event_type.into(),
             subject: event.subject.map(str::to_owned),
-            time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            time: humantime::format_rfc3339_millis(now).to_string(),
             datacontenttype: envelope::CONTENT_TYPE.into(),
             stream: event.stream.into(),
             sequence: envelope::format_sequence(seq),
@@ -196,7 +197,7 @@ impl Outbox {
             event.event_type,
             topic,
             payload,
-            now
+            ms_since_epoch(now)
         ])?;
         Ok(Enqueued {
             row_id: tx.last_insert_rowid(),

@@ -49,6 +49,11 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A character of an event type or a topic-prefix level: `A-Z a-z 0-9 . _ -`.
+fn is_level_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "._-".contains(c)
+}
+
 /// An event type such as `user.created`: 1-128 of `A-Z a-z 0-9 . _ -`.
 pub fn validate_event_type(t: &str) -> Result<(), String> {
     if t.is_empty() || t.len() > EVENT_TYPE_MAX_BYTES {
@@ -56,10 +61,7 @@ pub fn validate_event_type(t: &str) -> Result<(), String> {
             "event type {t:?} must be 1 to {EVENT_TYPE_MAX_BYTES} bytes"
         ));
     }
-    if !t
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
-    {
+    if !t.chars().all(is_level_char) {
         return Err(format!(
             "event type {t:?} may hold only letters, digits, '.', '_' and '-'"
         ));
@@ -77,10 +79,7 @@ pub fn validate_prefix(prefix: &str) -> Result<(), String> {
         if level.is_empty() {
             return Err(format!("{prefix:?} has an empty topic level"));
         }
-        if !level
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
-        {
+        if !level.chars().all(is_level_char) {
             return Err(format!(
                 "{prefix:?}: topic levels may hold only letters, digits, '.', '_' and '-' (no wildcards)"
             ));

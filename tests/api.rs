@@ -382,6 +382,17 @@ async fn users_are_listed_in_bounded_pages() {
 }
 
 /// A user transaction-service has learnt about, with a starting balance.
+/// A 503 with error `code` whose message tells the client nothing was written.
+fn assert_refused_with_nothing_written(status: StatusCode, err: &Value, code: &str) {
+    assert_eq!(
+        (status, err["error"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some(code)),
+        "{err}"
+    );
+    let message = err["message"].as_str().unwrap_or_default();
+    assert!(message.contains("nothing was written"), "{err}");
+}
+
 fn seed_known_user(api: &Api, id: i64, balance: i64) {
     support::inspect(&api.path)
         .execute("INSERT INTO known_users (user_id, name, email, balance_cents, seen_at_ms) VALUES (?1, 'A', 'a@b.io', ?2, 0)", [id, balance])
@@ -590,18 +601,7 @@ async fn a_full_backlog_refuses_writes_with_503_and_writes_nothing() {
     let (status, err) = api
         .post("/users", r#"{"name":"U","email":"u9@example.com"}"#)
         .await;
-    assert_eq!(
-        (status, err["error"].as_str()),
-        (StatusCode::SERVICE_UNAVAILABLE, Some("backlog_full")),
-        "{err}"
-    );
-    assert!(
-        err["message"]
-            .as_str()
-            .unwrap()
-            .contains("nothing was written"),
-        "{err}"
-    );
+    assert_refused_with_nothing_written(status, &err, "backlog_full");
     assert_eq!(api.rows("users"), 2);
     let (_, s) = api.call("GET", "/outbox", None, &[]).await;
     assert_eq!(s["outbox"]["backlog"]["events"], 2);
@@ -681,18 +681,7 @@ async fn disk_full_refuses_writes_with_503_keeps_what_was_accepted_and_recovers_
         }
     }
     let (status, err) = refused.expect("a full disk refuses writes");
-    assert_eq!(
-        (status, err["error"].as_str()),
-        (StatusCode::SERVICE_UNAVAILABLE, Some("storage_full")),
-        "{err}"
-    );
-    assert!(
-        err["message"]
-            .as_str()
-            .unwrap()
-            .contains("nothing was written"),
-        "{err}"
-    );
+    assert_refused_with_nothing_written(status, &err, "storage_full");
     assert_eq!(
         api.rows("users"),
         accepted,

@@ -54,6 +54,11 @@ impl ApiError {
         }
     }
 
+    /// 400 `invalid_query` naming the query parameter `field`.
+    pub fn invalid_query(field: &str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", message).with_field(field)
+    }
+
     /// 404 `not_found`.
     pub fn not_found(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
@@ -278,21 +283,15 @@ pub const PAGE_MAX: u32 = 500;
 pub fn page(limit: Option<u32>, after: Option<i64>) -> Result<(u32, i64), ApiError> {
     let limit = limit.unwrap_or(50);
     if limit == 0 || limit > PAGE_MAX {
-        let e = ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_query",
-            format!("limit must be 1 to {PAGE_MAX}"),
-        );
-        return Err(e.with_field("limit"));
+        let msg = format!("limit must be 1 to {PAGE_MAX}");
+        return Err(ApiError::invalid_query("limit", msg));
     }
     let after = after.unwrap_or(0);
     if after < 0 {
-        let e = ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_query",
+        return Err(ApiError::invalid_query(
+            "after",
             "after must not be negative",
-        );
-        return Err(e.with_field("after"));
+        ));
     }
     Ok((limit, after))
 }

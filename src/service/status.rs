@@ -115,10 +115,7 @@ async fn outbox_events(
         Some("published") => RowFilter::Published,
         Some(other) => {
             let msg = format!("status {other:?} is not one of pending, published, all");
-            return Err(
-                ApiError::new(axum::http::StatusCode::BAD_REQUEST, "invalid_query", msg)
-                    .with_field("status"),
-            );
+            return Err(ApiError::invalid_query("status", msg));
         }
     };
     let newest_first = match q.order.as_deref() {
@@ -126,10 +123,7 @@ async fn outbox_events(
         Some("desc") => true,
         Some(other) => {
             let msg = format!("order {other:?} is not asc or desc");
-            return Err(
-                ApiError::new(axum::http::StatusCode::BAD_REQUEST, "invalid_query", msg)
-                    .with_field("order"),
-            );
+            return Err(ApiError::invalid_query("order", msg));
         }
     };
     let (limit, after) = page(q.limit, q.after)?;
