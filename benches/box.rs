@@ -96,13 +96,26 @@ fn main() {
     // change in the shared machine's load hits the figure and its baseline alike.
     if want("drain") || want("e2e") {
         let (mut bare, mut drain, mut e2e) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut drain_busy, mut e2e_busy) = (Vec::new(), Vec::new());
         for r in 0..plan.runs {
             bare.push(bare_publisher(&broker, plan.events, payload_len));
             if want("drain") {
-                drain.push(relay_drain(&broker, dir.path(), r, plan.events));
+                let (rate, busy) = relay_drain(&broker, dir.path(), r, plan.events);
+                drain.push(rate);
+                drain_busy.push(busy);
             }
             if want("e2e") {
-                e2e.push(end_to_end(&broker, dir.path(), r, plan.events));
+                let (rate, busy) = end_to_end(&broker, dir.path(), r, plan.events);
+                e2e.push(rate);
+                e2e_busy.push(busy);
+            }
+        }
+        for (what, busy) in [("relay drain", drain_busy), ("end to end", e2e_busy)] {
+            if !busy.is_empty() {
+                let median = Figure(busy).median() * 100.0;
+                notes.push(format!(
+                    "{what}: the machine was {median:.0}% busy (median of the runs)"
+                ));
             }
         }
         let bare = Figure(bare);
@@ -385,15 +398,16 @@ fn bare_publisher(broker: &Broker, n: usize, payload_len: usize) -> f64 {
 }
 
 /// `n` pending rows -> all PUBACKed and marked. Events/s.
-fn relay_drain(broker: &Broker, dir: &Path, run: usize, n: usize) -> f64 {
+fn relay_drain(broker: &Broker, dir: &Path, run: usize, n: usize) -> (f64, f64) {
     let cfg = bench_config(broker, &format!("drain{run}"));
     let db = support::open_db(dir, &format!("drain{run}"), &cfg);
     fill(&db, &Outbox::new(&cfg), n);
-    let rate = runtime().block_on(async {
+    let (rate, busy) = runtime().block_on(async {
         let relay = Relay::new(db.clone(), cfg).unwrap();
         let status = relay.status();
         let cancel = tokio_util::sync::CancellationToken::new();
         let started = Instant::now();
+        let cpu = machine_cpu();
         let task = tokio::spawn(relay.run(cancel.clone()));
         while status.marked_published() < n as u64 {
             assert!(
@@ -403,26 +417,27 @@ fn relay_drain(broker: &Broker, dir: &Path, run: usize, n: usize) -> f64 {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         let rate = n as f64 / started.elapsed().as_secs_f64();
+        let busy = busy_since(cpu);
         cancel.cancel();
         task.await.unwrap().unwrap();
-        rate
+        (rate, busy)
     });
     let pending = support::count(
         &dir.join(format!("drain{run}.db")),
         "SELECT COUNT(*) FROM outbox WHERE published_at_ms IS NULL",
     );
     assert_eq!(pending, 0, "relay drain left rows pending");
-    rate
+    (rate, busy)
 }
 
 /// `n` pending rows -> all applied by a consumer, FULL durability on both sides.
-fn end_to_end(broker: &Broker, dir: &Path, run: usize, n: usize) -> f64 {
+fn end_to_end(broker: &Broker, dir: &Path, run: usize, n: usize) -> (f64, f64) {
     let cfg = bench_config(broker, &format!("e2e-producer{run}"));
     let consumer_cfg = bench_config(broker, &format!("e2e-consumer{run}"));
     let producer = support::open_db(dir, &format!("e2e-p{run}"), &cfg);
     let consumer_db = support::open_db(dir, &format!("e2e-c{run}"), &consumer_cfg);
     fill(&producer, &Outbox::new(&cfg), n);
-    let rate = runtime().block_on(async {
+    let (rate, busy) = runtime().block_on(async {
         let consumer = Consumer::new(
             consumer_db.clone(),
             consumer_cfg,
@@ -439,6 +454,7 @@ fn end_to_end(broker: &Broker, dir: &Path, run: usize, n: usize) -> f64 {
         tokio::time::sleep(Duration::from_millis(200)).await; // the SUBACK
         let relay = Relay::new(producer.clone(), cfg).unwrap();
         let started = Instant::now();
+        let cpu = machine_cpu();
         let relay_task = tokio::spawn(relay.run(cancel.clone()));
         while status.applied() < n as u64 {
             assert!(
@@ -449,14 +465,15 @@ fn end_to_end(broker: &Broker, dir: &Path, run: usize, n: usize) -> f64 {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         let rate = n as f64 / started.elapsed().as_secs_f64();
+        let busy = busy_since(cpu);
         cancel.cancel();
         relay_task.await.unwrap().unwrap();
         consumer_task.await.unwrap().unwrap();
-        rate
+        (rate, busy)
     });
     // Loses or duplicates nothing, or fails loudly.
     support::assert_exactly_once_in_order(&dir.join(format!("e2e-c{run}.db")), n);
-    rate
+    (rate, busy)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -641,8 +658,7 @@ fn post_users(broker: &Broker, dir: &Path, run: usize, mode: HttpMode, n: usize)
     let rate = (per * 64) as f64 / started.elapsed().as_secs_f64();
     let user_cpu = cpu(0) - user_cpu;
     let user_disk = disk_write_bytes(services.pids[0]) - user_disk;
-    let (busy, total) = machine_cpu();
-    let busy = (busy - machine.0) / (total - machine.1).max(1.0);
+    let busy = busy_since(machine);
     services.assert_all_applied(per * 64);
     let per_request = |x: f64| x / (per * 64) as f64;
     HttpRun {
@@ -661,6 +677,12 @@ fn disk_write_bytes(pid: u32) -> f64 {
         .find_map(|l| l.strip_prefix("write_bytes:"))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0)
+}
+
+/// The share of the machine's CPU time that was busy since `start` (a [`machine_cpu`]).
+fn busy_since(start: (f64, f64)) -> f64 {
+    let (busy, total) = machine_cpu();
+    (busy - start.0) / (total - start.1).max(1.0)
 }
 
 /// Busy and total CPU time of the whole machine so far (jiffies, from /proc/stat).
