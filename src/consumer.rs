@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError};
 use crate::db::{Database, DbError};
-use crate::inbox::{self, Handlers, InboxContext, Outcome, StreamKey};
+use crate::inbox::{self, ApplyError, Handlers, InboxContext, Isolation, Outcome, StreamKey};
 use crate::protocol::{self, HeadAnnouncement, PositionReport, ReplayRequest, Topics};
 use crate::retry::{Backoff, LogLimiter};
 
@@ -351,6 +351,9 @@ impl Processor<'_> {
     /// receive order. Returns false when cancelled while waiting to retry (the rest of
     /// the batch stays unacknowledged; the broker delivers it again).
     async fn process(&mut self, batch: &mut Vec<Publish>, cancel: &CancellationToken) -> bool {
+        // Without a savepoint per handler first; after a handler failed (the writer
+        // rolled the batch back), again with one, for the rest of this batch.
+        let mut isolation = Isolation::Optimistic;
         while !batch.is_empty() {
             let messages: Vec<(String, bytes::Bytes)> = batch
                 .iter()
@@ -361,9 +364,17 @@ impl Processor<'_> {
                 .consumer
                 .db
                 .writer()
-                .write(move |tx| inbox::apply_batch(tx, &ctx, &messages))
+                .write(move |tx| inbox::apply_batch(tx, &ctx, &messages, isolation))
                 .await;
             let retry = match result {
+                Err(ApplyError::HandlerFailed) => {
+                    tracing::debug!(
+                        messages = batch.len(),
+                        "a handler failed: applying the batch again with a savepoint per handler"
+                    );
+                    isolation = Isolation::PerHandler;
+                    continue;
+                }
                 Err(e) => Some(e.to_string()),
                 Ok(outcomes) => {
                     let mut retry = None;

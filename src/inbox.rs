@@ -16,6 +16,13 @@
 //!    must not stall on it); a transient error (database busy) undoes everything for
 //!    this message so that it is tried again.
 //!
+//! A savepoint per handler costs two statements and a copy of every page the handler
+//! touches, for a failure that almost never happens. So the consumer first applies a
+//! batch with [`Isolation::Optimistic`]: no savepoint per handler, and the first
+//! handler that fails stops the batch with [`ApplyError::HandlerFailed`]; the caller's
+//! savepoint undoes the whole batch, which is applied again with
+//! [`Isolation::PerHandler`].
+//!
 //! The caller commits with FULL durability and only then acknowledges to the broker.
 
 use std::collections::HashMap;
@@ -109,6 +116,34 @@ impl Handlers {
     }
 }
 
+/// How handlers run inside a batch (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    /// Each handler in a savepoint of its own: a failed handler's writes are undone and
+    /// the batch goes on (the event is dead-lettered, or retried with the rest).
+    PerHandler,
+    /// No savepoint per handler: the first handler that fails or panics stops the
+    /// batch with [`ApplyError::HandlerFailed`], leaving partial writes that the caller
+    /// must undo (roll back the batch) before applying it again with `PerHandler`.
+    Optimistic,
+}
+
+/// Why a batch was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// Only with [`Isolation::Optimistic`].
+    #[error("a handler failed in a batch applied without a savepoint per handler; roll the batch back and apply it again with one")]
+    HandlerFailed,
+}
+
+impl From<rusqlite::Error> for ApplyError {
+    fn from(e: rusqlite::Error) -> Self {
+        ApplyError::Db(e.into())
+    }
+}
+
 /// What applying needs besides the transaction.
 #[derive(Clone)]
 pub struct InboxContext {
@@ -165,7 +200,8 @@ pub fn apply_batch(
     tx: &Transaction,
     ctx: &InboxContext,
     messages: &[(String, bytes::Bytes)],
-) -> Result<Vec<Outcome>, DbError> {
+    isolation: Isolation,
+) -> Result<Vec<Outcome>, ApplyError> {
     // Positions are read once per stream and written once per batch, after every
     // message of it.
     let mut positions: HashMap<StreamKey, (u64, bool)> = HashMap::new();
@@ -174,7 +210,7 @@ pub fn apply_batch(
         // No savepoint per message: a message writes nothing before its handler, whose
         // own savepoint undoes it on failure; a database error fails the whole batch
         // (the caller's savepoint undoes it, and the batch is tried again).
-        let outcome = apply_one(tx, ctx, &mut positions, topic, payload)?;
+        let outcome = apply_one(tx, ctx, &mut positions, topic, payload, isolation)?;
         let advanced = match &outcome {
             Outcome::Applied { key, seq, .. } => Some((key, *seq)),
             Outcome::DeadLettered {
@@ -212,7 +248,8 @@ fn apply_one(
     positions: &mut HashMap<StreamKey, (u64, bool)>,
     topic: &str,
     payload: &[u8],
-) -> Result<Outcome, DbError> {
+    isolation: Isolation,
+) -> Result<Outcome, ApplyError> {
     let Some((topic_source, topic_stream)) = ctx.topics.parse_events(topic) else {
         return dead_letter(
             tx,
@@ -278,7 +315,7 @@ fn apply_one(
             "no handler for event type {:?}",
             event.event_type
         ))),
-        Some(handler) => run_handler(tx, handler.as_ref(), &event)?,
+        Some(handler) => run_handler(tx, handler.as_ref(), &event, isolation)?,
     };
     let outcome = match handled {
         Ok(()) => Outcome::Applied {
@@ -316,16 +353,27 @@ fn apply_one(
     Ok(outcome)
 }
 
-/// Runs a handler in a nested savepoint so that a failed handler leaves no partial
-/// writes. A panicking handler counts as a permanent failure.
+/// Runs a handler; with [`Isolation::PerHandler`] in a nested savepoint, so that a
+/// failed handler leaves no partial writes. A panicking handler counts as a permanent
+/// failure.
 fn run_handler(
     tx: &Transaction,
     handler: &HandlerFn,
     event: &CloudEvent,
-) -> Result<Result<(), HandlerError>, DbError> {
+    isolation: Isolation,
+) -> Result<Result<(), HandlerError>, ApplyError> {
+    let run = || {
+        catch_unwind(AssertUnwindSafe(|| handler(tx, event)))
+            .unwrap_or_else(|_| Err(HandlerError::Permanent("the handler panicked".into())))
+    };
+    if isolation == Isolation::Optimistic {
+        return match run() {
+            Ok(()) => Ok(Ok(())),
+            Err(_) => Err(ApplyError::HandlerFailed),
+        };
+    }
     tx.prepare_cached("SAVEPOINT h")?.execute([])?;
-    let result = catch_unwind(AssertUnwindSafe(|| handler(tx, event)))
-        .unwrap_or_else(|_| Err(HandlerError::Permanent("the handler panicked".into())));
+    let result = run();
     if result.is_err() {
         tx.prepare_cached("ROLLBACK TO h")?.execute([])?;
     }
@@ -339,7 +387,7 @@ fn dead_letter(
     payload: &[u8],
     key: Option<&StreamKey>,
     reason: String,
-) -> Result<Outcome, DbError> {
+) -> Result<Outcome, ApplyError> {
     insert_dead_letter(tx, topic, payload, key, None, &reason)?;
     Ok(Outcome::DeadLettered {
         reason,

@@ -7,7 +7,7 @@ mod support;
 use std::time::Duration;
 
 use edge_outbox::outbox::OutboxError;
-use edge_outbox::NewEvent;
+use edge_outbox::{HandlerError, Handlers, NewEvent};
 use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -278,6 +278,57 @@ async fn malformed_message_is_dead_lettered_and_the_next_valid_event_is_applied(
     assert!(reason.contains("not JSON"), "{reason}");
     let (_, _, reason) = letter(1);
     assert!(reason.contains("not a CloudEvent"), "{reason}");
+    relay.stop().await;
+    consumer.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_fails_after_writing_keeps_nothing_and_its_batch_neighbours_are_applied() {
+    let broker = Broker::start();
+    let p = Pair::new(&broker.url(), |c| c);
+    // The five events wait on the broker, so that the consumer gets them in one batch:
+    // its first pass runs handlers without a savepoint each, so item 3's failure must
+    // roll the whole batch back and apply it again with one savepoint per handler.
+    p.subscribe_then_go_offline().await;
+    let relay = p.spawn_relay();
+    create_items(&p.producer, &p.outbox, "b", 5).await;
+    p.wait_all_published().await;
+    let refusing = Handlers::new().on("item.created", |tx, event| {
+        let id = event.data.get("id").and_then(|v| v.as_i64()).unwrap_or(0);
+        let seq = event.seq().map_err(HandlerError::Permanent)? as i64;
+        tx.execute(
+            "INSERT INTO effects (item_id, applied, seq) VALUES (?1, 1, ?2)",
+            [id, seq],
+        )?;
+        if id == 3 {
+            return Err(HandlerError::Permanent(
+                "item 3 refused after a write".into(),
+            ));
+        }
+        Ok(())
+    });
+    let (consumer, status) =
+        spawn_consumer_with(&p.consumer_db, &p.consumer_cfg, "producer", refusing);
+    wait_for("4 events applied and 1 dead-lettered", 20, || {
+        status.applied() == 4 && status.dead_lettered() == 1
+    })
+    .await;
+    let path = p.consumer_path();
+    let applied: Vec<i64> = effects(&path).iter().map(|e| e.0).collect();
+    assert_eq!(applied, [1, 2, 4, 5], "item 3's own write was undone");
+    let letters: Vec<(i64, String)> = inspect(&path)
+        .prepare("SELECT seq, reason FROM dead_letters")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(letters, [(3, "item 3 refused after a write".to_string())]);
+    assert_eq!(
+        count(&path, "SELECT position FROM inbox_positions"),
+        5,
+        "the stream moved past the refused event"
+    );
     relay.stop().await;
     consumer.stop().await;
 }

@@ -6,7 +6,9 @@ mod support;
 
 use bytes::Bytes;
 use edge_outbox::envelope::{format_sequence, CloudEvent};
-use edge_outbox::inbox::{self, HandlerError, Handlers, InboxContext, Outcome, StreamKey};
+use edge_outbox::inbox::{
+    self, ApplyError, HandlerError, Handlers, InboxContext, Isolation, Outcome, StreamKey,
+};
 use edge_outbox::protocol::Topics;
 use edge_outbox::Database;
 use support::*;
@@ -41,10 +43,33 @@ fn ctx(handlers: Handlers) -> InboxContext {
 }
 
 fn apply(db: &Database, ctx: &InboxContext, messages: Vec<(String, Bytes)>) -> Vec<Outcome> {
+    try_apply(db, ctx, messages, Isolation::PerHandler).unwrap()
+}
+
+fn try_apply(
+    db: &Database,
+    ctx: &InboxContext,
+    messages: Vec<(String, Bytes)>,
+    isolation: Isolation,
+) -> Result<Vec<Outcome>, ApplyError> {
     let ctx = ctx.clone();
     db.writer()
-        .write_blocking(move |tx| inbox::apply_batch(tx, &ctx, &messages))
-        .unwrap()
+        .write_blocking(move |tx| inbox::apply_batch(tx, &ctx, &messages, isolation))
+}
+
+/// The test handlers, and three that write, then fail: permanently, transiently, by
+/// panicking.
+fn failing_handlers() -> Handlers {
+    handlers()
+        .on("item.rejected", |tx, _| {
+            tx.execute("INSERT INTO items (name) VALUES ('partial write')", [])?;
+            Err(HandlerError::Permanent("amount out of range".into()))
+        })
+        .on("item.flaky", |tx, _| {
+            tx.execute("INSERT INTO items (name) VALUES ('partial write')", [])?;
+            Err(HandlerError::Transient("database is locked".into()))
+        })
+        .on("item.buggy", |_, _| panic!("handler bug"))
 }
 
 fn key() -> StreamKey {
@@ -98,13 +123,7 @@ fn events_apply_in_order_and_duplicates_and_events_ahead_of_a_gap_have_no_effect
 fn unknown_types_and_permanent_handler_errors_are_dead_lettered_and_the_stream_moves_on() {
     let dir = tempfile::tempdir().unwrap();
     let db = open(dir.path());
-    let handlers = handlers()
-        .on("item.rejected", |tx, _| {
-            tx.execute("INSERT INTO items (name) VALUES ('partial write')", [])?;
-            Err(HandlerError::Permanent("amount out of range".into()))
-        })
-        .on("item.buggy", |_, _| panic!("handler bug"));
-    let ctx = ctx(handlers);
+    let ctx = ctx(failing_handlers());
     let out = apply(
         &db,
         &ctx,
@@ -155,13 +174,46 @@ fn unknown_types_and_permanent_handler_errors_are_dead_lettered_and_the_stream_m
 }
 
 #[test]
+fn without_a_savepoint_per_handler_a_failing_handler_stops_the_batch_and_nothing_of_it_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(dir.path());
+    let ctx = ctx(failing_handlers());
+    let path = db_path(dir.path(), "c");
+    for failing in ["item.rejected", "item.flaky", "item.buggy"] {
+        let batch = vec![event(1, "item.created", 1), event(2, failing, 2)];
+        let result = try_apply(&db, &ctx, batch, Isolation::Optimistic);
+        assert!(
+            matches!(result, Err(ApplyError::HandlerFailed)),
+            "{failing}: {result:?}"
+        );
+        for table in [
+            "items",
+            "effects",
+            "inbox",
+            "inbox_positions",
+            "dead_letters",
+        ] {
+            let rows = count(&path, &format!("SELECT COUNT(*) FROM {table}"));
+            assert_eq!(
+                rows, 0,
+                "{failing}: the rolled-back batch left rows in {table}"
+            );
+        }
+    }
+    // The same batch with a savepoint per handler: event 1 applied, event 2 dead-lettered.
+    let batch = vec![event(1, "item.created", 1), event(2, "item.rejected", 2)];
+    let out = apply(&db, &ctx, batch);
+    assert!(matches!(out[0], Outcome::Applied { seq: 1, .. }), "{out:?}");
+    assert!(matches!(out[1], Outcome::DeadLettered { .. }), "{out:?}");
+    assert_eq!(count(&path, "SELECT COUNT(*) FROM items"), 0);
+    assert_eq!(count(&path, "SELECT COUNT(*) FROM effects"), 1);
+}
+
+#[test]
 fn a_transient_handler_error_keeps_nothing_and_stops_the_batch_for_a_retry() {
     let dir = tempfile::tempdir().unwrap();
     let db = open(dir.path());
-    let ctx = ctx(handlers().on("item.flaky", |tx, _| {
-        tx.execute("INSERT INTO items (name) VALUES ('partial')", [])?;
-        Err(HandlerError::Transient("database is locked".into()))
-    }));
+    let ctx = ctx(failing_handlers());
     let out = apply(
         &db,
         &ctx,

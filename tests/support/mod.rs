@@ -333,11 +333,24 @@ pub fn spawn_consumer(
     Running,
     std::sync::Arc<edge_outbox::consumer::ConsumerStatus>,
 ) {
+    spawn_consumer_with(db, config, source, handlers())
+}
+
+/// [`spawn_consumer`] with handlers of the test's own.
+pub fn spawn_consumer_with(
+    db: &Database,
+    config: &Config,
+    source: &str,
+    handlers: Handlers,
+) -> (
+    Running,
+    std::sync::Arc<edge_outbox::consumer::ConsumerStatus>,
+) {
     let consumer = Consumer::new(
         db.clone(),
         config.clone(),
         vec![stream_key(source)],
-        handlers(),
+        handlers,
     )
     .unwrap();
     let status = consumer.status();
