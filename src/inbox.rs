@@ -208,8 +208,9 @@ pub fn apply_batch(
     let mut outcomes = Vec::with_capacity(messages.len());
     for (topic, payload) in messages {
         // No savepoint per message: a message writes nothing before its handler, whose
-        // own savepoint undoes it on failure; a database error fails the whole batch
-        // (the caller's savepoint undoes it, and the batch is tried again).
+        // own savepoint (or, in an optimistic pass, the rollback of the whole batch)
+        // undoes it on failure; a database error fails the whole batch (the caller's
+        // savepoint undoes it, and the batch is tried again).
         let outcome = apply_one(tx, ctx, &mut positions, topic, payload, isolation)?;
         let advanced = match &outcome {
             Outcome::Applied { key, seq, .. } => Some((key, *seq)),
