@@ -477,13 +477,7 @@ fn relay_drain(broker: &Broker, dir: &Path, run: usize, n: usize) -> (f64, f64) 
         let started = Instant::now();
         let cpu = machine_cpu();
         let task = tokio::spawn(relay.run(cancel.clone()));
-        while status.marked_published() < n as u64 {
-            assert!(
-                started.elapsed() < Duration::from_secs(120),
-                "relay drain did not finish"
-            );
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        wait_for_count("relay drain", n, started, || status.marked_published()).await;
         let rate = n as f64 / started.elapsed().as_secs_f64();
         let busy = busy_since(cpu);
         cancel.cancel();
@@ -496,6 +490,19 @@ fn relay_drain(broker: &Broker, dir: &Path, run: usize, n: usize) -> (f64, f64) 
     );
     assert_eq!(pending, 0, "relay drain left rows pending");
     (rate, busy)
+}
+
+/// Polls `count` every millisecond (the resolution of the timed figures) until it
+/// reaches `n`; fails the benchmark 120 s after `started`.
+async fn wait_for_count(what: &str, n: usize, started: Instant, count: impl Fn() -> u64) {
+    while count() < n as u64 {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "{what} did not finish: {} of {n}",
+            count()
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }
 
 /// `n` pending rows -> all applied by a consumer, FULL durability on both sides.
@@ -524,14 +531,7 @@ fn end_to_end(broker: &Broker, dir: &Path, run: usize, n: usize) -> (f64, f64) {
         let started = Instant::now();
         let cpu = machine_cpu();
         let relay_task = tokio::spawn(relay.run(cancel.clone()));
-        while status.applied() < n as u64 {
-            assert!(
-                started.elapsed() < Duration::from_secs(120),
-                "end to end did not finish: {} of {n}",
-                status.applied()
-            );
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        wait_for_count("end to end", n, started, || status.applied()).await;
         let rate = n as f64 / started.elapsed().as_secs_f64();
         let busy = busy_since(cpu);
         cancel.cancel();

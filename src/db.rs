@@ -205,9 +205,7 @@ impl DbOptions {
             write_queue_max: 4_096,
         }
     }
-}
 
-impl DbOptions {
     /// Database options from the outbox settings.
     pub fn from_config(path: impl Into<std::path::PathBuf>, config: &crate::Config) -> DbOptions {
         DbOptions {

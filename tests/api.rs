@@ -111,6 +111,14 @@ impl Api {
         (status, value)
     }
 
+    /// POSTs a user and asserts the 201; returns the user.
+    async fn create_user(&self, name: &str, email: &str) -> Value {
+        let body = serde_json::json!({ "name": name, "email": email }).to_string();
+        let (status, user) = self.post("/users", &body).await;
+        assert_eq!(status, StatusCode::CREATED, "{user}");
+        user
+    }
+
     async fn post(&self, uri: &str, body: &str) -> (StatusCode, Value) {
         self.call("POST", uri, Some(body), &[]).await
     }
@@ -229,12 +237,7 @@ async fn bad_user_bodies_get_a_clear_error_and_write_nothing() {
 #[tokio::test]
 async fn a_duplicate_email_is_a_409_whatever_its_case_and_writes_nothing() {
     let api = users_api();
-    assert_eq!(
-        api.post("/users", r#"{"name":"A","email":"ada@example.com"}"#)
-            .await
-            .0,
-        StatusCode::CREATED
-    );
+    api.create_user("A", "ada@example.com").await;
     let (status, err) = api
         .post("/users", r#"{"name":"B","email":"ADA@Example.com"}"#)
         .await;
@@ -343,15 +346,8 @@ async fn an_idempotency_key_replays_the_original_response_and_refuses_a_differen
 async fn users_are_listed_in_bounded_pages() {
     let api = users_api();
     for i in 0..5 {
-        assert_eq!(
-            api.post(
-                "/users",
-                &format!(r#"{{"name":"U{i}","email":"u{i}@example.com"}}"#)
-            )
-            .await
-            .0,
-            StatusCode::CREATED
-        );
+        api.create_user(&format!("U{i}"), &format!("u{i}@example.com"))
+            .await;
     }
     let (_, page1) = api.call("GET", "/users?limit=2", None, &[]).await;
     assert_eq!(page1["users"].as_array().unwrap().len(), 2);
@@ -588,15 +584,7 @@ async fn a_full_backlog_refuses_writes_with_503_and_writes_nothing() {
         },
     );
     for i in 0..2 {
-        assert_eq!(
-            api.post(
-                "/users",
-                &format!(r#"{{"name":"U","email":"u{i}@example.com"}}"#)
-            )
-            .await
-            .0,
-            StatusCode::CREATED
-        );
+        api.create_user("U", &format!("u{i}@example.com")).await;
     }
     let (status, err) = api
         .post("/users", r#"{"name":"U","email":"u9@example.com"}"#)
