@@ -484,10 +484,7 @@ fn relay_drain(broker: &Broker, dir: &Path, run: usize, n: usize) -> (f64, f64) 
         task.await.unwrap().unwrap();
         (rate, busy)
     });
-    let pending = support::count(
-        &dir.join(format!("drain{run}.db")),
-        "SELECT COUNT(*) FROM outbox WHERE published_at_ms IS NULL",
-    );
+    let pending = support::pending(&dir.join(format!("drain{run}.db")));
     assert_eq!(pending, 0, "relay drain left rows pending");
     (rate, busy)
 }

@@ -24,6 +24,7 @@ use rusqlite::{Connection, OpenFlags};
 use serde_json::{json, Value};
 use tokio::process::Command;
 
+use crate::outbox;
 use crate::run_all::{bin_dir, free_port, http, spawn, wait_healthy, wait_listening, Output, Proc};
 use crate::verify::{self, Target};
 
@@ -619,14 +620,7 @@ fn check(b: &Box_, acks: &Acks) -> anyhow::Result<String> {
             "{gave_up} requests were abandoned after {RETRIES_MAX} attempts"
         ));
     }
-    let pending_in = |db: &Connection| {
-        db.query_row(
-            "SELECT COUNT(*) FROM outbox WHERE published_at_ms IS NULL",
-            [],
-            |r| r.get::<_, i64>(0),
-        )
-    };
-    let pending = pending_in(&users_db)? + pending_in(&ledger_db)?;
+    let pending = outbox::stats(&users_db)?.pending + outbox::stats(&ledger_db)?.pending;
     let report = verify::verify(&Target {
         user_db: b.mnt.join("user-service.db"),
         transaction_db: b.mnt.join("transaction-service.db"),

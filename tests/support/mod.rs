@@ -377,6 +377,11 @@ pub async fn wait_for(what: &str, secs: u64, mut check: impl FnMut() -> bool) {
     }
 }
 
+/// Outbox rows of the database at `path` not yet marked published.
+pub fn pending(path: &Path) -> u64 {
+    edge_outbox::outbox::stats(&inspect(path)).unwrap().pending
+}
+
 /// Opens a plain connection to a database file, for assertions.
 pub fn inspect(path: &Path) -> rusqlite::Connection {
     let c = rusqlite::Connection::open(path).unwrap();
@@ -459,20 +464,13 @@ impl Pair {
     }
 
     /// Outbox rows not yet marked published.
-    pub fn pending(&self) -> i64 {
-        count(
-            &self.producer_path(),
-            "SELECT COUNT(*) FROM outbox WHERE published_at_ms IS NULL",
-        )
+    pub fn pending(&self) -> u64 {
+        pending(&self.producer_path())
     }
 
     pub async fn wait_all_published(&self) {
-        let path = self.producer_path();
         wait_for("every outbox row PUBACKed and marked published", 20, || {
-            count(
-                &path,
-                "SELECT COUNT(*) FROM outbox WHERE published_at_ms IS NULL",
-            ) == 0
+            self.pending() == 0
         })
         .await;
     }
