@@ -2,19 +2,23 @@
 
 SHELL := /bin/bash
 CARGO ?= cargo
-BIN := target/release
+# cargo's real output folder: CARGO_TARGET_DIR, build.target-dir in a cargo config,
+# or ./target; cargo metadata knows which.
+TARGET_DIR := $(shell $(CARGO) metadata --format-version 1 --no-deps 2>/dev/null | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+BIN := $(or $(TARGET_DIR),target)/release
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 USERS := http://127.0.0.1:8081
 LEDGER := http://127.0.0.1:8082
 
-.PHONY: help deps build run-all watch demo demo-offline power-cut bench verify test clean
+.PHONY: help deps build run-all watch demo demo-offline power-cut bench verify test test-docs check-deps clean
 
 CYCLES ?= 20
 MODE ?= power
 
 help:
 	@echo "make run-all  install Mosquitto if missing, build, run the broker and both services (Ctrl-C stops all)"
-	@echo "make test     install Mosquitto if missing, run every test against real brokers and databases"
+	@echo "make test     install Mosquitto if missing, run every test against real brokers and databases,"
+	@echo "              the library's doc examples, and check its docs and dependencies"
 	@echo "make watch    print every event on the broker (needs run-all in another terminal)"
 	@echo "make demo     create a user and follow its events step by step (needs run-all)"
 	@echo "make demo-offline  a box of its own keeps working with its broker stopped, then drains"
@@ -52,7 +56,7 @@ power-cut: deps build
 
 # Quick mode takes about 3 minutes; BENCH=full runs 100,000 events per figure.
 bench: deps
-	BENCH=$(BENCH) $(CARGO) bench --locked --bench box
+	BENCH=$(BENCH) $(CARGO) bench --locked -p edge-box --bench box
 
 watch:
 	mosquitto_sub -h 127.0.0.1 -p 1883 -v -t 'edge-outbox/events/#'
@@ -89,13 +93,28 @@ demo:
 	step "6. Status of both outboxes and consumers (GET /outbox)"; \
 	curl -sS $(USERS)/outbox; echo; curl -sS $(LEDGER)/outbox; echo
 
-# cargo-nextest runs each test in its own process; plain cargo test works too.
+# cargo-nextest runs each test in its own process; plain cargo test works too. Both
+# cover the library and the box (the workspace's default members), and build
+# examples/embed.rs, which tests/example.rs runs against a real Mosquitto.
 test: deps
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
-		$(CARGO) nextest run --locked --no-fail-fast; \
+		$(CARGO) nextest run --locked --workspace --no-fail-fast; \
 	else \
-		$(CARGO) test --locked --no-fail-fast; \
+		$(CARGO) test --locked --workspace --no-fail-fast; \
 	fi
+	@$(MAKE) --no-print-directory test-docs check-deps
+
+# The library's doc examples compile and run; its docs build without a warning
+# (broken links, missing docs).
+test-docs:
+	$(CARGO) test --locked -p edge-outbox --doc
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --locked --no-deps -p edge-outbox
+
+# A program that embeds the library must not compile the box's HTTP stack.
+check-deps:
+	@bad=$$($(CARGO) tree --locked -p edge-outbox -e normal --prefix none | sed 's/ .*//' | grep -xE 'axum|hyper|tower|ureq|edge-box' | sort -u); \
+	if [ -n "$$bad" ]; then echo "edge-outbox must not depend on: $$bad (cargo tree -p edge-outbox -e normal -i <crate> shows why)"; exit 1; fi; \
+	echo "check-deps: edge-outbox depends on none of axum, hyper, tower, ureq"
 
 clean:
 	$(CARGO) clean

@@ -4,12 +4,13 @@
 //! Binaries `#[command(flatten)]` this struct, so `--help` lists every setting with its
 //! default, and tests build it with [`Config::default`] and change what they need.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
 
-use crate::db::Synchronous;
 use crate::protocol;
+use crate::storage::{DbOptions, Synchronous};
 
 /// Every setting of the outbox, the relay and the consumer. Units are in the names.
 #[derive(Debug, Clone, Args)]
@@ -157,7 +158,9 @@ impl Default for Config {
 #[derive(Debug, thiserror::Error)]
 #[error("invalid setting --{flag}: {reason}")]
 pub struct ConfigError {
+    /// The flag, without its leading dashes.
     pub flag: &'static str,
+    /// What is wrong with its value.
     pub reason: String,
 }
 
@@ -171,7 +174,9 @@ fn bad(flag: &'static str, reason: impl Into<String>) -> ConfigError {
 /// Where the broker is, parsed from `broker_url`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerAddr {
+    /// Host name or IP address.
     pub host: String,
+    /// TCP port.
     pub port: u16,
 }
 
@@ -284,6 +289,17 @@ impl Config {
             host: host.to_owned(),
             port,
         })
+    }
+
+    /// Options for opening the database at `path` with these settings' durability,
+    /// busy timeout and write batch size.
+    pub fn db_options(&self, path: impl Into<PathBuf>) -> DbOptions {
+        DbOptions {
+            synchronous: self.db_synchronous,
+            busy_timeout_ms: self.db_busy_timeout_ms,
+            write_batch_max: self.db_write_batch_max,
+            ..DbOptions::new(path)
+        }
     }
 
     /// The MQTT packet limit: the largest envelope plus its topic and the headers.

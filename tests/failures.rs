@@ -7,7 +7,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use edge_outbox::envelope::{format_sequence, CloudEvent};
+use edge_outbox::outbox::envelope::{format_sequence, CloudEvent};
 use support::*;
 
 /// The payload of outbox row `seq` of the producer, as the relay would publish it.

@@ -5,10 +5,10 @@
 mod support;
 
 use bytes::Bytes;
-use edge_outbox::envelope::{format_sequence, CloudEvent};
-use edge_outbox::inbox::{
+use edge_outbox::consumer::inbox::{
     self, ApplyError, HandlerError, Handlers, InboxContext, Isolation, Outcome, StreamKey,
 };
+use edge_outbox::outbox::envelope::{format_sequence, CloudEvent};
 use edge_outbox::protocol::Topics;
 use edge_outbox::Database;
 use support::*;

@@ -4,8 +4,8 @@
 
 mod support;
 
-use edge_outbox::db::{DbError, Migration, Schema, Synchronous};
 use edge_outbox::outbox::{self, OutboxError};
+use edge_outbox::storage::{DbError, Migration, Schema, Synchronous};
 use edge_outbox::{Database, DbOptions, NewEvent, Outbox};
 use support::*;
 

@@ -11,7 +11,7 @@
 //!   up to `--relay-batch-max` at a time, into a buffer, and handed to rumqttc from
 //!   it while fewer than `--relay-inflight-max` await their PUBACK.
 //! - Marking: PUBACKed row ids are collected and marked in one write per batch of at
-//!   least [`MARK_BATCH_MIN`] rows while more are in flight (at once when none are).
+//!   least `MARK_BATCH_MIN` (250) rows while more are in flight (at once when none are).
 //! - Failure: on any connection error the PUBACK correlation is dropped, the relay
 //!   waits (capped exponential backoff with jitter) and, once connected again,
 //!   publishes every row still pending from the start: at-least-once. Killed at any
@@ -38,10 +38,10 @@ use tokio::time::{interval, sleep, sleep_until, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError};
-use crate::db::{Database, DbError};
 use crate::outbox::{self, PendingRow};
 use crate::protocol::{self, HeadAnnouncement, PositionReport, ReplayRequest, StreamHead, Topics};
 use crate::retry::{Backoff, LogLimiter};
+use crate::storage::{Database, DbError};
 
 /// Rows deleted per retention transaction at most, so that retention never holds the
 /// writer for long.
@@ -69,8 +69,10 @@ const DISCONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
     #[error(transparent)]
+    /// A setting is invalid.
     Config(#[from] ConfigError),
     #[error("relay cannot open the database: {0}")]
+    /// The database could not be read.
     Db(#[from] DbError),
 }
 
@@ -615,7 +617,7 @@ impl Relay {
 /// Retention, in batches of [`PRUNE_BATCH_ROWS`] so that it never holds the writer
 /// for long. Returns how many rows it deleted.
 async fn prune_all(
-    writer: &crate::writer::Writer,
+    writer: &crate::storage::writer::Writer,
     retention_ms: u64,
     expiry_ms: u64,
 ) -> Result<usize, DbError> {

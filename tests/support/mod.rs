@@ -8,11 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use edge_outbox::db::{Migration, Schema};
-use edge_outbox::inbox::HandlerError;
-use edge_outbox::{
-    Config, Consumer, Database, DbOptions, Handlers, NewEvent, Outbox, Relay, StreamKey,
-};
+use edge_outbox::consumer::inbox::HandlerError;
+use edge_outbox::storage::{Migration, Schema};
+use edge_outbox::{Config, Consumer, Database, Handlers, NewEvent, Outbox, Relay, StreamKey};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -223,7 +221,7 @@ pub const STREAM: &str = "items";
 
 pub fn open_db(dir: &Path, name: &str, config: &Config) -> Database {
     Database::open(
-        &DbOptions::from_config(dir.join(format!("{name}.db")), config),
+        &config.db_options(dir.join(format!("{name}.db"))),
         &[ITEMS_SCHEMA],
     )
     .unwrap()

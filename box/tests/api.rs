@@ -2,6 +2,8 @@
 //! validation, error bodies, idempotency, paging, and that nothing is written on error.
 #![allow(clippy::result_large_err)]
 
+// The library's test support (real brokers, databases), shared rather than copied.
+#[path = "../../tests/support/mod.rs"]
 mod support;
 
 use std::sync::Arc;
@@ -9,11 +11,12 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::Router;
+use edge_box::service::{self, AppState, ServiceArgs};
+use edge_box::{transaction_service, user_service};
 use edge_outbox::consumer::ConsumerStatus;
-use edge_outbox::db::Schema;
 use edge_outbox::relay::RelayStatus;
-use edge_outbox::service::{self, AppState, ServiceArgs};
-use edge_outbox::{transaction_service, user_service, Config, Outbox};
+use edge_outbox::storage::Schema;
+use edge_outbox::{Config, Outbox};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use support::{config, count};

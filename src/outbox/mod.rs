@@ -9,6 +9,8 @@
 //! Streams are independent: a producer chooses as many as it needs (one per aggregate
 //! type is typical); events of different streams have no order between them.
 
+pub mod envelope;
+
 use std::collections::BTreeMap;
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
@@ -16,22 +18,30 @@ use serde::Serialize;
 
 use crate::clock::{ms_since_epoch, now_ms};
 use crate::config::Config;
-use crate::db::DbError;
-use crate::envelope::{self, CloudEvent};
 use crate::protocol::{self, StreamHead, Topics};
+use crate::storage::DbError;
+use envelope::CloudEvent;
 
 /// Why an event was refused. The business write it came with is refused too, because
 /// the caller's transaction fails with it.
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
+    /// The stream name is not a valid name (see [`protocol::validate_name`]).
     #[error("invalid stream name: {0}")]
     InvalidStream(String),
+    /// The event type or subject is invalid.
     #[error("invalid event: {0}")]
     InvalidEvent(String),
     #[error(
         "event envelope is {size} bytes, more than the {max}-byte limit (--payload-max-bytes)"
     )]
-    PayloadTooLarge { size: usize, max: usize },
+    /// The envelope would exceed `--payload-max-bytes`.
+    PayloadTooLarge {
+        /// The envelope's size.
+        size: usize,
+        /// `--payload-max-bytes`.
+        max: usize,
+    },
     /// The backlog of events not yet published reached its cap (the broker has been
     /// unreachable for long): new events, and the writes they come with, are refused
     /// until the relay catches up.
@@ -40,14 +50,20 @@ pub enum OutboxError {
          (--outbox-backlog-max-events, --outbox-backlog-max-bytes); nothing was written: retry once the broker is reachable"
     )]
     BacklogFull {
+        /// Events waiting.
         events: u64,
+        /// Bytes of their envelopes.
         bytes: u64,
+        /// `--outbox-backlog-max-events`.
         max_events: u64,
+        /// `--outbox-backlog-max-bytes`.
         max_bytes: u64,
     },
     #[error("event data cannot be serialised to JSON: {0}")]
+    /// The event's data could not be serialised.
     Serialize(#[from] serde_json::Error),
     #[error(transparent)]
+    /// A database error.
     Db(#[from] DbError),
 }
 
@@ -210,7 +226,9 @@ impl Outbox {
 /// Events enqueued and not yet published (replays excluded).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Backlog {
+    /// Events waiting to be published.
     pub events: u64,
+    /// Bytes of their envelopes.
     pub bytes: u64,
 }
 
@@ -228,11 +246,17 @@ pub fn backlog(conn: &Connection) -> Result<Backlog, DbError> {
 /// A pending outbox row, as the relay publishes it.
 #[derive(Debug, Clone)]
 pub struct PendingRow {
+    /// The outbox row id.
     pub id: i64,
+    /// The event's CloudEvents `id`.
     pub event_id: String,
+    /// The stream it belongs to.
     pub stream: String,
+    /// Its sequence number in the stream.
     pub seq: u64,
+    /// The topic it is published on.
     pub topic: String,
+    /// The envelope, as published.
     pub payload: Vec<u8>,
 }
 
@@ -363,7 +387,9 @@ pub fn prune(
 /// Counts for status pages.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct OutboxStats {
+    /// Rows not yet published.
     pub pending: u64,
+    /// Rows published and not yet deleted by retention.
     pub published: u64,
     /// Age of the oldest pending row, when there is one.
     pub oldest_pending_age_ms: Option<i64>,
@@ -399,15 +425,23 @@ pub fn last_seq(conn: &Connection, stream: &str) -> Result<Option<u64>, DbError>
 /// One outbox row as status pages show it.
 #[derive(Debug, Clone, Serialize)]
 pub struct OutboxRow {
+    /// The outbox row id.
     pub id: i64,
+    /// The event's CloudEvents `id`.
     pub event_id: String,
+    /// The stream it belongs to.
     pub stream: String,
+    /// Its sequence number in the stream.
     pub seq: u64,
+    /// The CloudEvents `type`.
     pub event_type: String,
+    /// The topic it is published on.
     pub topic: String,
     /// "pending" or "published".
     pub status: &'static str,
+    /// When it was enqueued, in ms since the Unix epoch.
     pub created_at_ms: i64,
+    /// When its PUBACK was recorded, if it was.
     pub published_at_ms: Option<i64>,
     /// The envelope as published.
     pub event: serde_json::Value,
@@ -416,8 +450,11 @@ pub struct OutboxRow {
 /// Which rows [`list`] returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RowFilter {
+    /// Every row.
     All,
+    /// Rows not yet published.
     Pending,
+    /// Rows published.
     Published,
 }
 

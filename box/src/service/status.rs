@@ -10,9 +10,8 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::http::{next_after, page, ApiError, AppQuery};
-use super::AppState;
-use crate::outbox::{self, RowFilter};
+use super::http::{next_after, page, ApiError, AppQuery, AppState};
+use edge_outbox::outbox::{self, RowFilter};
 
 pub fn routes() -> Router<AppState> {
     Router::new()

@@ -2,6 +2,8 @@
 //! driven over HTTP on loopback, then checked with `edge-outbox verify`.
 #![allow(clippy::result_large_err)]
 
+// The library's test support (real brokers, databases), shared rather than copied.
+#[path = "../../tests/support/mod.rs"]
 mod support;
 
 use std::path::{Path, PathBuf};

@@ -3,8 +3,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use edge_outbox::service::{self, ServiceArgs};
-use edge_outbox::transaction_service::AMOUNT_MAX_CENTS;
+use edge_box::service::{self, ServiceArgs};
+use edge_box::transaction_service::AMOUNT_MAX_CENTS;
 use edge_outbox::Outbox;
 
 /// transaction-service: records credits and debits (POST /transactions) and publishes
@@ -36,6 +36,6 @@ fn main() -> ExitCode {
     let (source, welcome) = (cli.users_source, cli.welcome_credit_cents);
     let outbox = Outbox::new(&cli.service.outbox);
     service::main("transaction-service", cli.service, move || {
-        edge_outbox::transaction_service::spec(&source, outbox, welcome)
+        edge_box::transaction_service::spec(&source, outbox, welcome)
     })
 }

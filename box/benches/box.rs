@@ -7,7 +7,8 @@
 //! panics instead of printing a figure.
 #![allow(clippy::result_large_err)]
 
-#[path = "../tests/support/mod.rs"]
+// The library's test support (real brokers, databases), shared rather than copied.
+#[path = "../../tests/support/mod.rs"]
 mod support;
 
 use std::collections::HashMap;
@@ -76,7 +77,7 @@ fn main() {
             latency_secs: 5,
         }
     };
-    edge_outbox::service::init_tracing();
+    edge_box::service::init_tracing();
     let started = Instant::now();
     let broker = Broker::start_with(&repo_broker_settings());
     let dir = tempfile::tempdir().unwrap();

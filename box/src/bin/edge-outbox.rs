@@ -5,10 +5,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use edge_outbox::demo_offline::{self, DemoOffline};
-use edge_outbox::power_cut::{self, PowerCut};
-use edge_outbox::run_all::{self, RunAll};
-use edge_outbox::verify::{self, Target};
+use edge_box::admin::demo_offline::{self, DemoOffline};
+use edge_box::admin::power_cut::{self, PowerCut};
+use edge_box::admin::run_all::{self, RunAll};
+use edge_box::admin::verify::{self, Target};
 
 #[derive(Parser)]
 #[command(
@@ -117,7 +117,7 @@ fn main() -> ExitCode {
 
 /// Runs an async command; an error is printed with its causes and exits 1.
 fn block_on(name: &str, f: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
-    edge_outbox::service::init_tracing();
+    edge_box::service::init_tracing();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

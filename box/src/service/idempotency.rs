@@ -12,8 +12,8 @@ use rusqlite::{params, OptionalExtension, Transaction};
 use serde_json::Value;
 
 use super::http::ApiError;
-use crate::clock::now_ms;
-use crate::db::Database;
+use edge_outbox::clock::now_ms;
+use edge_outbox::storage::Database;
 
 /// The header's name.
 pub const HEADER: &str = "Idempotency-Key";
@@ -112,7 +112,7 @@ pub fn fingerprint(method_path: &str, body: &impl serde::Serialize) -> String {
 }
 
 /// Deletes keys older than `retention_ms`; returns how many.
-pub fn prune(tx: &Transaction, retention_ms: u64) -> Result<usize, crate::db::DbError> {
+pub fn prune(tx: &Transaction, retention_ms: u64) -> Result<usize, edge_outbox::storage::DbError> {
     let cutoff = now_ms().saturating_sub(retention_ms as i64);
     Ok(tx.execute(
         "DELETE FROM idempotency_keys WHERE created_at_ms < ?1",

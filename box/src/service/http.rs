@@ -5,6 +5,8 @@
 //! Bad input is a 4xx and is not logged; an internal error is a generic 500 and is
 //! logged once, here.
 
+use std::sync::Arc;
+
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
@@ -14,8 +16,18 @@ use axum::Json;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::db::DbError;
-use crate::outbox::OutboxError;
+use edge_outbox::outbox::OutboxError;
+use edge_outbox::storage::DbError;
+use edge_outbox::{ConsumerStatus, Database, Outbox, RelayStatus};
+
+/// State shared by the HTTP handlers of a service.
+#[derive(Clone)]
+pub struct AppState {
+    pub db: Database,
+    pub outbox: Outbox,
+    pub relay: Arc<RelayStatus>,
+    pub consumer: Arc<ConsumerStatus>,
+}
 
 /// An error answer.
 #[derive(Debug, Clone, PartialEq, Eq)]

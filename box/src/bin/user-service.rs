@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use edge_outbox::service::{self, ServiceArgs};
+use edge_box::service::{self, ServiceArgs};
 
 /// user-service: creates users (POST /users) and publishes user.created; applies
 /// transaction-service's transaction.created events to the users' balances.
@@ -31,6 +31,6 @@ fn main() -> ExitCode {
     ]);
     let source = cli.transactions_source;
     service::main("user-service", cli.service, move || {
-        edge_outbox::user_service::spec(&source)
+        edge_box::user_service::spec(&source)
     })
 }

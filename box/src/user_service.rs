@@ -13,19 +13,14 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::db::{Migration, Schema};
-use crate::envelope::CloudEvent;
-use crate::inbox::{HandlerError, Handlers};
-use crate::outbox::NewEvent;
+use edge_outbox::{CloudEvent, HandlerError, Handlers, Migration, NewEvent, Schema, StreamKey};
+
+use crate::contract::{
+    LedgerEntry, User, TRANSACTIONS_STREAM, TRANSACTION_CREATED, USERS_STREAM, USER_CREATED,
+};
 use crate::service::http::{next_after, page, ApiError, AppJson, AppPath, AppQuery};
 use crate::service::idempotency::{self, IdempotencyKey};
 use crate::service::{AppState, Spec};
-use crate::StreamKey;
-
-/// The stream user-service produces.
-pub const STREAM: &str = "users";
-/// The event a new user produces.
-pub const USER_CREATED: &str = "user.created";
 
 pub const SCHEMA: Schema = Schema {
     component: "user_service",
@@ -49,12 +44,9 @@ pub fn spec(transactions_source: &str) -> Spec {
         routes: routes(),
         consumes: vec![StreamKey {
             source: transactions_source.to_owned(),
-            stream: crate::transaction_service::STREAM.to_owned(),
+            stream: TRANSACTIONS_STREAM.to_owned(),
         }],
-        handlers: Handlers::new().on(
-            crate::transaction_service::TRANSACTION_CREATED,
-            apply_transaction,
-        ),
+        handlers: Handlers::new().on(TRANSACTION_CREATED, apply_transaction),
     }
 }
 
@@ -62,16 +54,6 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/users", get(list_users).post(create_user))
         .route("/users/{id}", get(get_user))
-}
-
-/// A user as the API shows it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct User {
-    pub id: i64,
-    pub name: String,
-    pub email: String,
-    pub balance_cents: i64,
-    pub created_at: String,
 }
 
 const USER_COLUMNS: &str = "id, name, email, balance_cents, created_at";
@@ -157,7 +139,7 @@ async fn create_user(
         }
         let user = User { id: tx.last_insert_rowid(), name, email, balance_cents: 0, created_at };
         let subject = user.id.to_string();
-        let event = outbox.enqueue(tx, NewEvent { stream: STREAM, event_type: USER_CREATED, subject: Some(&subject), data: &user })?;
+        let event = outbox.enqueue(tx, NewEvent { stream: USERS_STREAM, event_type: USER_CREATED, subject: Some(&subject), data: &user })?;
         tracing::info!(user_id = user.id, event_id = %event.event_id, seq = event.seq, "user created");
         Ok((StatusCode::CREATED, json!(user)))
     })
@@ -208,18 +190,9 @@ async fn list_users(
     Ok(Json(json!({ "users": users, "next_after": next_after })))
 }
 
-/// The part of a `transaction.created` event user-service needs.
-#[derive(Debug, Deserialize)]
-struct TransactionCreated {
-    id: i64,
-    user_id: i64,
-    amount_cents: i64,
-    kind: String,
-}
-
 /// Applies a `transaction.created` event: the user's balance moves by its amount.
 fn apply_transaction(tx: &rusqlite::Transaction, event: &CloudEvent) -> Result<(), HandlerError> {
-    let t: TransactionCreated = serde_json::from_value(event.data.clone())
+    let t: LedgerEntry = serde_json::from_value(event.data.clone())
         .map_err(|e| HandlerError::Permanent(format!("bad transaction.created data: {e}")))?;
     let delta = match t.kind.as_str() {
         "credit" => t.amount_cents,

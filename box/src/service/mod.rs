@@ -9,10 +9,11 @@ pub mod http;
 pub mod idempotency;
 pub mod status;
 
+pub use http::AppState;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -21,10 +22,8 @@ use axum::Router;
 use clap::{ArgMatches, CommandFactory, FromArgMatches};
 use tokio_util::sync::CancellationToken;
 
-use crate::consumer::ConsumerStatus;
-use crate::db::{Migration, Schema};
-use crate::relay::RelayStatus;
-use crate::{Config, Consumer, Database, DbOptions, Handlers, Outbox, Relay, StreamKey};
+use edge_outbox::storage::{Migration, Schema};
+use edge_outbox::{Config, Consumer, Database, Handlers, Outbox, Relay, StreamKey};
 
 /// Tables every HTTP service has (idempotency keys).
 pub const SERVICE_SCHEMA: Schema = Schema {
@@ -66,15 +65,6 @@ pub fn parse_with_defaults<C: CommandFactory + FromArgMatches>(
     C::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
 
-/// State shared by the HTTP handlers of a service.
-#[derive(Clone)]
-pub struct AppState {
-    pub db: Database,
-    pub outbox: Outbox,
-    pub relay: Arc<RelayStatus>,
-    pub consumer: Arc<ConsumerStatus>,
-}
-
 /// One service: what differs between user-service and transaction-service.
 pub struct Spec {
     /// For logs.
@@ -98,7 +88,7 @@ pub fn app(routes: Router<AppState>, state: AppState) -> Router {
 
 /// Opens the database of a service with every schema it needs.
 pub fn open_database(args: &ServiceArgs, schema: Schema) -> anyhow::Result<Database> {
-    let opts = DbOptions::from_config(&args.db_path, &args.outbox);
+    let opts = args.outbox.db_options(&args.db_path);
     Database::open(&opts, &[SERVICE_SCHEMA, schema])
         .with_context(|| format!("opening database {}", args.db_path.display()))
 }

@@ -10,10 +10,10 @@ use anyhow::{bail, Context};
 use serde_json::json;
 use tokio::process::Command;
 
-use crate::run_all::{
+use crate::admin::run_all::{
     bin_dir, free_port, http, spawn, stop, wait_healthy, wait_listening, Output, Proc,
 };
-use crate::verify::{self, Target};
+use crate::admin::verify::{self, Target};
 
 /// Settings of the walk-through.
 #[derive(Debug, Clone, clap::Args)]

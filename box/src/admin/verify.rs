@@ -12,8 +12,7 @@ use std::path::{Path, PathBuf};
 use rusqlite::{Connection, OpenFlags};
 use serde::Serialize;
 
-use crate::transaction_service::TRANSACTION_CREATED;
-use crate::user_service::USER_CREATED;
+use crate::contract::{TRANSACTION_CREATED, USER_CREATED};
 
 /// Examples listed per failed check at most.
 pub const EXAMPLES_MAX: usize = 10;

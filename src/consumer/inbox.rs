@@ -32,10 +32,10 @@ use std::sync::Arc;
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Transaction};
 
 use crate::clock::now_ms;
-use crate::db::DbError;
-use crate::envelope::CloudEvent;
+use crate::outbox::envelope::CloudEvent;
 use crate::outbox::OutboxError;
 use crate::protocol::Topics;
+use crate::storage::DbError;
 
 /// Bytes of a dead-lettered message kept at most; `payload_len` records its full size.
 pub const DEAD_LETTER_KEEP_MAX_BYTES: usize = 1024 * 1024;
@@ -132,6 +132,7 @@ pub enum Isolation {
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     #[error(transparent)]
+    /// A database error; the batch was not applied.
     Db(#[from] DbError),
     /// Only with [`Isolation::Optimistic`].
     #[error("a handler failed in a batch applied without a savepoint per handler; roll the batch back and apply it again with one")]
@@ -147,7 +148,9 @@ impl From<rusqlite::Error> for ApplyError {
 /// What applying needs besides the transaction.
 #[derive(Clone)]
 pub struct InboxContext {
+    /// The topic scheme, to check that a message came on an event topic.
     pub topics: Topics,
+    /// How each event type is applied.
     pub handlers: Handlers,
     /// Messages larger than this are dead-lettered unread.
     pub payload_max_bytes: usize,
@@ -156,7 +159,9 @@ pub struct InboxContext {
 /// A stream of a producer, as the consumer tracks it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StreamKey {
+    /// The producer (its `--source`).
     pub source: String,
+    /// The stream, as named by the producer.
     pub stream: String,
 }
 
@@ -171,22 +176,35 @@ impl std::fmt::Display for StreamKey {
 pub enum Outcome {
     /// Applied; the stream's position is now `seq`.
     Applied {
+        /// The stream.
         key: StreamKey,
+        /// The sequence number applied.
         seq: u64,
+        /// The event's CloudEvents `id`.
         event_id: String,
     },
     /// Already applied (`seq <= position`); no effect.
-    Duplicate { key: StreamKey, seq: u64 },
+    Duplicate {
+        /// The stream.
+        key: StreamKey,
+        /// The sequence number received.
+        seq: u64,
+    },
     /// Ahead of a gap (`seq > position + 1`); not applied.
     Ahead {
+        /// The stream.
         key: StreamKey,
+        /// The sequence number received.
         seq: u64,
+        /// The stream's position (last applied) when it arrived.
         position: u64,
     },
     /// Stored in `dead_letters`. `advanced` is set when the message held the stream's
     /// next sequence number, which it has consumed.
     DeadLettered {
+        /// Why it was refused.
         reason: String,
+        /// The stream and the position it moved to, if it moved.
         advanced: Option<(StreamKey, u64)>,
     },
     /// A transient failure; nothing of this message was kept. It and every message

@@ -1,5 +1,5 @@
 //! The consumer: receives events with QoS1 on a persistent session, applies them
-//! through [`crate::inbox`] and acknowledges each one only after its transaction
+//! through [`crate::consumer::inbox`] and acknowledges each one only after its transaction
 //! committed.
 //!
 //! Two tasks. The *poller* owns the MQTT event loop: it forwards received messages,
@@ -13,6 +13,8 @@
 //! stream, the highest sequence number known to exist (from messages ahead of a gap
 //! and from the producer's head announcements) and asks the producer to replay when
 //! its position has not reached it for `--consumer-gap-timeout-ms`.
+
+pub mod inbox;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -29,10 +31,10 @@ use tokio::time::{interval, sleep, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError};
-use crate::db::{Database, DbError};
-use crate::inbox::{self, ApplyError, Handlers, InboxContext, Isolation, Outcome, StreamKey};
 use crate::protocol::{self, HeadAnnouncement, PositionReport, ReplayRequest, Topics};
 use crate::retry::{Backoff, LogLimiter};
+use crate::storage::{Database, DbError};
+use inbox::{ApplyError, Handlers, InboxContext, Isolation, Outcome, StreamKey};
 
 /// Messages buffered between the poller and the processor. The broker sends at most
 /// its `max_inflight_messages` unacknowledged QoS1 messages, so this rarely fills.
@@ -48,10 +50,13 @@ const PRUNE_BATCH_ROWS: usize = 5_000;
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {
     #[error(transparent)]
+    /// A setting is invalid.
     Config(#[from] ConfigError),
     #[error("invalid subscription: {0}")]
+    /// A stream to consume has an invalid source or stream name.
     Subscription(String),
     #[error("consumer cannot read its positions: {0}")]
+    /// The positions could not be read.
     Db(#[from] DbError),
 }
 
@@ -84,6 +89,7 @@ pub struct ConsumerStatus {
 }
 
 impl ConsumerStatus {
+    /// True while the consumer holds a session with the broker.
     pub fn connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
     }

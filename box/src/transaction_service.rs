@@ -17,19 +17,17 @@ use rusqlite::{params, OptionalExtension, Row, Transaction};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::db::{Migration, Schema};
-use crate::envelope::CloudEvent;
-use crate::inbox::{HandlerError, Handlers};
-use crate::outbox::{NewEvent, Outbox, OutboxError};
+use crate::contract::{
+    LedgerEntry, User, TRANSACTIONS_STREAM, TRANSACTION_CREATED, USERS_STREAM, USER_CREATED,
+};
 use crate::service::http::{next_after, page, ApiError, AppJson, AppPath, AppQuery};
 use crate::service::idempotency::{self, IdempotencyKey};
 use crate::service::{AppState, Spec};
-use crate::StreamKey;
-
-/// The stream transaction-service produces.
-pub const STREAM: &str = "transactions";
-/// The event every ledger entry produces.
-pub const TRANSACTION_CREATED: &str = "transaction.created";
+use edge_outbox::consumer::inbox::{HandlerError, Handlers};
+use edge_outbox::outbox::envelope::CloudEvent;
+use edge_outbox::outbox::{NewEvent, Outbox, OutboxError};
+use edge_outbox::storage::{Migration, Schema};
+use edge_outbox::StreamKey;
 
 pub const SCHEMA: Schema = Schema {
     component: "transaction_service",
@@ -54,9 +52,9 @@ pub fn spec(users_source: &str, outbox: Outbox, welcome_credit_cents: i64) -> Sp
         routes: routes(),
         consumes: vec![StreamKey {
             source: users_source.to_owned(),
-            stream: crate::user_service::STREAM.to_owned(),
+            stream: USERS_STREAM.to_owned(),
         }],
-        handlers: Handlers::new().on(crate::user_service::USER_CREATED, move |tx, event| {
+        handlers: Handlers::new().on(USER_CREATED, move |tx, event| {
             apply_user_created(tx, event, &outbox, welcome_credit_cents)
         }),
     }
@@ -86,19 +84,6 @@ impl Kind {
             Kind::Debit => "debit",
         }
     }
-}
-
-/// A ledger entry as the API and the `transaction.created` event show it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct LedgerEntry {
-    pub id: i64,
-    pub user_id: i64,
-    pub amount_cents: i64,
-    pub kind: String,
-    pub description: Option<String>,
-    /// True for the welcome credit granted on user.created.
-    pub welcome: bool,
-    pub created_at: String,
 }
 
 const ENTRY_COLUMNS: &str = "id, user_id, amount_cents, kind, description, welcome, created_at";
@@ -190,7 +175,7 @@ fn record(
     let event = outbox.enqueue(
         tx,
         NewEvent {
-            stream: STREAM,
+            stream: TRANSACTIONS_STREAM,
             event_type: TRANSACTION_CREATED,
             subject: Some(&subject),
             data: &entry,
@@ -289,14 +274,6 @@ async fn balance(
     ))
 }
 
-/// The part of a `user.created` event transaction-service needs.
-#[derive(Debug, Deserialize)]
-struct UserCreated {
-    id: i64,
-    name: String,
-    email: String,
-}
-
 /// Applies `user.created`: records the user in the projection and grants the welcome
 /// credit, once per user (the inbox applies each event once; a unique index refuses a
 /// second welcome credit whatever happens upstream).
@@ -306,7 +283,7 @@ fn apply_user_created(
     outbox: &Outbox,
     welcome_credit_cents: i64,
 ) -> Result<(), HandlerError> {
-    let u: UserCreated = serde_json::from_value(event.data.clone())
+    let u: User = serde_json::from_value(event.data.clone())
         .map_err(|e| HandlerError::Permanent(format!("bad user.created data: {e}")))?;
     if u.id <= 0 {
         return Err(HandlerError::Permanent(format!(
@@ -314,7 +291,7 @@ fn apply_user_created(
             u.id
         )));
     }
-    let now = crate::clock::now_ms();
+    let now = edge_outbox::clock::now_ms();
     let new = tx
         .prepare_cached("INSERT INTO known_users (user_id, name, email, balance_cents, seen_at_ms) VALUES (?1, ?2, ?3, 0, ?4) ON CONFLICT (user_id) DO NOTHING")?
         .execute(params![u.id, u.name, u.email, now])?;

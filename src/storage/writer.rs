@@ -27,7 +27,7 @@ use rusqlite::hooks::Action;
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use crate::db::DbError;
+use super::error::DbError;
 
 /// Limits of the writer.
 #[derive(Debug, Clone, Copy)]

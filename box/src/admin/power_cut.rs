@@ -24,9 +24,11 @@ use rusqlite::{Connection, OpenFlags};
 use serde_json::{json, Value};
 use tokio::process::Command;
 
-use crate::outbox;
-use crate::run_all::{bin_dir, free_port, http, spawn, wait_healthy, wait_listening, Output, Proc};
-use crate::verify::{self, Target};
+use crate::admin::run_all::{
+    bin_dir, free_port, http, spawn, wait_healthy, wait_listening, Output, Proc,
+};
+use crate::admin::verify::{self, Target};
+use edge_outbox::outbox;
 
 /// `FS_IOC_SHUTDOWN`: `_IOR('X', 125, __u32)`.
 const FS_IOC_SHUTDOWN: libc::c_ulong = 0x8004_587D;
@@ -293,7 +295,7 @@ impl Box_ {
     async fn stop_all(&mut self) {
         for which in [1, 2, 0] {
             if let Some(p) = self.procs[which].as_mut() {
-                crate::run_all::stop(p, Duration::from_secs(10)).await;
+                crate::admin::run_all::stop(p, Duration::from_secs(10)).await;
             }
             self.procs[which] = None;
         }

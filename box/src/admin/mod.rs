@@ -1,0 +1,9 @@
+//! The admin tool's commands (`edge-outbox <command>`), one file each: [`verify`]
+//! checks the cross-service invariants of a drained box, [`run_all`] runs the box in
+//! one terminal, [`demo_offline`] walks through offline first, [`power_cut`] runs the
+//! box through power cuts or kills under load and then checks it.
+
+pub mod demo_offline;
+pub mod power_cut;
+pub mod run_all;
+pub mod verify;
