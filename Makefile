@@ -12,6 +12,12 @@ LEDGER := http://127.0.0.1:8082
 
 .PHONY: help deps build run-all watch demo demo-offline power-cut bench verify test test-docs check-deps clean
 
+# mosquitto_sub as the read-only observer that run-all creates. Its password goes
+# through a mosquitto_sub config file ($$XDG_CONFIG_HOME/mosquitto_sub, mode 0600),
+# never the command line, where ps would show it.
+OBSERVER_PW := data/mqtt/edge-observer.password
+as_observer = [ -r $(OBSERVER_PW) ] || { echo "$(OBSERVER_PW) is missing: start the box with 'make run-all' first"; exit 1; }; subcfg=$$(mktemp -d); trap 'rm -rf "$$subcfg"' EXIT; printf -- '-u edge-observer\n-P %s\n' "$$(cat $(OBSERVER_PW))" > "$$subcfg/mosquitto_sub"; chmod 600 "$$subcfg/mosquitto_sub"; export XDG_CONFIG_HOME="$$subcfg"
+
 CYCLES ?= 20
 MODE ?= power
 
@@ -59,7 +65,7 @@ bench: deps
 	BENCH=$(BENCH) $(CARGO) bench --locked -p edge-box --bench box
 
 watch:
-	mosquitto_sub -h 127.0.0.1 -p 1883 -v -t 'edge-outbox/events/#'
+	@$(as_observer); mosquitto_sub -h 127.0.0.1 -p 1883 -v -t 'edge-outbox/events/#'
 
 verify:
 	@[ -x $(BIN)/edge-outbox ] || $(CARGO) build --release --locked
@@ -70,6 +76,7 @@ demo:
 	step() { printf '\n\033[1m%s\033[0m\n' "$$*"; }; \
 	curl -sf $(USERS)/healthz >/dev/null && curl -sf $(LEDGER)/healthz >/dev/null \
 		|| { echo "the box is not running: start it with 'make run-all' in another terminal"; exit 1; }; \
+	$(as_observer); \
 	sub=$$(mktemp); \
 	mosquitto_sub -h 127.0.0.1 -p 1883 -v -C 2 -W 10 -t 'edge-outbox/events/#' > "$$sub" & subpid=$$!; \
 	sleep 0.3; \

@@ -4,7 +4,7 @@
 //! Binaries `#[command(flatten)]` this struct, so `--help` lists every setting with its
 //! default, and tests build it with [`Config::default`] and change what they need.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
@@ -24,6 +24,23 @@ pub struct Config {
     )]
     pub broker_url: String,
 
+    /// MQTT username. With the box's broker config (mosquitto.conf, mosquitto.acl) it
+    /// must be this service's --source: the topic ACL lets each user publish only on
+    /// its own topics. Without it the services connect anonymously.
+    #[arg(long, env = "MQTT_USERNAME")]
+    pub mqtt_username: Option<String>,
+
+    /// File holding the MQTT password (one line; a trailing newline is ignored). The
+    /// environment variable MQTT_PASSWORD is read when no file is given; a password is
+    /// never taken from a flag, where `ps` would show it.
+    #[arg(long, env = "MQTT_PASSWORD_FILE")]
+    pub mqtt_password_file: Option<PathBuf>,
+
+    /// The MQTT password, for programs that embed the library and hold it already;
+    /// takes precedence over --mqtt-password-file and MQTT_PASSWORD. Never printed.
+    #[arg(skip)]
+    pub mqtt_password: Option<Secret>,
+
     /// MQTT client id prefix; the relay connects as "ID-relay" and the consumer as
     /// "ID-consumer" (stable, so that the broker keeps the consumer's session).
     #[arg(long, env = "MQTT_CLIENT_ID", default_value = "edge-outbox")]
@@ -35,7 +52,7 @@ pub struct Config {
     pub source: String,
 
     /// First topic level(s) of every topic this program uses.
-    #[arg(long, env = "TOPIC_PREFIX", default_value = "edge-outbox")]
+    #[arg(long, env = "TOPIC_PREFIX", default_value = protocol::DEFAULT_TOPIC_PREFIX)]
     pub topic_prefix: String,
 
     /// Largest event envelope accepted at enqueue, in bytes; larger events are refused
@@ -171,6 +188,44 @@ fn bad(flag: &'static str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
+/// A password: shown as `Secret(..)` by `Debug`, so that logging a [`Config`] never
+/// prints it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps `s`.
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// Longest MQTT username or password accepted, in bytes.
+pub const CREDENTIAL_MAX_BYTES: usize = 1024;
+
+/// The environment variable read for the MQTT password when no file is given.
+pub const PASSWORD_ENV: &str = "MQTT_PASSWORD";
+
+/// A username and its password, as the relay and the consumer send them in CONNECT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// `--mqtt-username`.
+    pub username: String,
+    /// From [`Config::mqtt_password`], `--mqtt-password-file` or `MQTT_PASSWORD`.
+    pub password: Secret,
+}
+
 /// Where the broker is, parsed from `broker_url`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerAddr {
@@ -188,6 +243,7 @@ impl Config {
     /// Checks every setting; the error names the flag and what is wrong with it.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.broker()?;
+        self.credentials()?;
         if self.client_id.is_empty() || self.client_id.len() > 200 {
             return Err(bad("client-id", "must be 1 to 200 characters"));
         }
@@ -253,6 +309,54 @@ impl Config {
         Ok(())
     }
 
+    /// The credentials to connect with: None without `--mqtt-username`. The password
+    /// comes from [`Config::mqtt_password`], else `--mqtt-password-file`, else the
+    /// environment variable `MQTT_PASSWORD`; a username without a password is refused.
+    /// Errors name the file, never its content.
+    pub fn credentials(&self) -> Result<Option<Credentials>, ConfigError> {
+        let Some(username) = &self.mqtt_username else {
+            if self.mqtt_password_file.is_some() || self.mqtt_password.is_some() {
+                return Err(bad(
+                    "mqtt-username",
+                    "a password is configured but no username",
+                ));
+            }
+            return Ok(None);
+        };
+        if username.is_empty()
+            || username.len() > CREDENTIAL_MAX_BYTES
+            || username.chars().any(|c| c.is_control())
+        {
+            return Err(bad(
+                "mqtt-username",
+                format!("must be 1 to {CREDENTIAL_MAX_BYTES} bytes without control characters"),
+            ));
+        }
+        let password = match (&self.mqtt_password, &self.mqtt_password_file) {
+            (Some(p), _) => p.clone(),
+            (None, Some(path)) => read_password_file(path)?,
+            (None, None) => match std::env::var(PASSWORD_ENV) {
+                Ok(p) => Secret(p),
+                Err(_) => {
+                    return Err(bad(
+                        "mqtt-password-file",
+                        format!("--mqtt-username is set but no password: give --mqtt-password-file or set {PASSWORD_ENV}"),
+                    ))
+                }
+            },
+        };
+        if password.0.is_empty() || password.0.len() > CREDENTIAL_MAX_BYTES {
+            return Err(bad(
+                "mqtt-password-file",
+                format!("the password must be 1 to {CREDENTIAL_MAX_BYTES} bytes"),
+            ));
+        }
+        Ok(Some(Credentials {
+            username: username.clone(),
+            password,
+        }))
+    }
+
     /// The broker address from `broker_url`.
     pub fn broker(&self) -> Result<BrokerAddr, ConfigError> {
         let url = self.broker_url.trim();
@@ -313,6 +417,29 @@ impl Config {
     }
 }
 
+/// Reads a password file: its first line, without the newline. Refuses a file that is
+/// not a regular file or is larger than a password can be.
+fn read_password_file(path: &Path) -> Result<Secret, ConfigError> {
+    let err = |why: String| bad("mqtt-password-file", format!("{}: {why}", path.display()));
+    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(err("not a regular file".into()));
+    }
+    if meta.len() > CREDENTIAL_MAX_BYTES as u64 + 2 {
+        return Err(err(format!(
+            "{} bytes is larger than a password ({CREDENTIAL_MAX_BYTES} bytes at most)",
+            meta.len()
+        )));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let line = text.strip_suffix('\n').unwrap_or(&text);
+    let line = line.strip_suffix('\r').unwrap_or(line);
+    if line.contains('\n') {
+        return Err(err("holds more than one line".into()));
+    }
+    Ok(Secret(line.to_owned()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -370,6 +497,62 @@ mod tests {
         // runs each test in its own process, so the variable stays here).
         std::env::set_var("MQTT_URL", "mqtt://elsewhere:1883");
         assert_eq!(Config::default().broker_url, "mqtt://127.0.0.1:1883");
+    }
+
+    #[test]
+    fn a_password_comes_from_its_file_and_errors_name_the_file_never_the_password() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "s3cret-pw\n").unwrap();
+        let c = Config {
+            mqtt_username: Some("user-service".into()),
+            mqtt_password_file: Some(file.clone()),
+            ..Config::default()
+        };
+        let creds = c.credentials().unwrap().unwrap();
+        assert_eq!(creds.username, "user-service");
+        assert_eq!(creds.password.expose(), "s3cret-pw");
+        assert!(
+            !format!("{c:?} {creds:?}").contains("s3cret"),
+            "Debug must not show it"
+        );
+
+        // An explicit password wins over the file.
+        let explicit = Config {
+            mqtt_password: Some(Secret::new("other")),
+            ..c.clone()
+        };
+        assert_eq!(
+            explicit.credentials().unwrap().unwrap().password.expose(),
+            "other"
+        );
+
+        std::fs::write(&file, "line one s3cret\nline two\n").unwrap();
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.flag, "mqtt-password-file");
+        assert!(e.to_string().contains("more than one line"), "{e}");
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+
+        std::fs::write(&file, "\n").unwrap();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("1 to 1024 bytes"));
+
+        let missing = Config {
+            mqtt_password_file: Some(dir.path().join("absent")),
+            ..c.clone()
+        };
+        let e = missing.validate().unwrap_err().to_string();
+        assert!(e.contains("absent"), "names the file: {e}");
+
+        let no_user = Config {
+            mqtt_username: None,
+            ..c
+        };
+        assert_eq!(no_user.validate().unwrap_err().flag, "mqtt-username");
+        assert!(Config::default().credentials().unwrap().is_none());
     }
 
     #[test]

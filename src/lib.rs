@@ -118,7 +118,7 @@ pub mod relay;
 mod retry;
 pub mod storage;
 
-pub use config::{Config, ConfigError};
+pub use config::{Config, ConfigError, Credentials, Secret};
 pub use consumer::inbox::{HandlerError, Handlers, StreamKey};
 pub use consumer::{Consumer, ConsumerStatus};
 pub use outbox::envelope::CloudEvent;

@@ -29,6 +29,9 @@ pub fn client(
 ) -> Result<(AsyncClient, EventLoop), ConfigError> {
     let broker = config.broker()?;
     let mut opts = MqttOptions::new(client_id, broker.host, broker.port);
+    if let Some(c) = config.credentials()? {
+        opts.set_credentials(c.username, c.password.expose());
+    }
     opts.set_keep_alive(Duration::from_secs(config.mqtt_keep_alive_s));
     // rumqttc's default (10 KiB) turns one larger message into an endless reconnect
     // loop; events up to --payload-max-bytes must pass both ways.

@@ -4,10 +4,18 @@
 //! {prefix}/events/{source}/{stream}       CloudEvents, QoS1        producer -> consumers
 //! {prefix}/heads/{source}                 HeadAnnouncement, QoS1,  producer -> consumers
 //!                                         retained, periodic
-//! {prefix}/replay/{source}                ReplayRequest, QoS1      consumer -> producer
+//! {prefix}/replay/{source}/{consumer}     ReplayRequest, QoS1      consumer -> producer
 //! {prefix}/positions/{source}/{consumer}  PositionReport, QoS1,    consumer -> producer
 //!                                         retained, periodic
+//! {prefix}/events/{source}/_probe         a probe, QoS1            producer -> itself
 //! ```
+//!
+//! `source` is the producer's `--source`, `consumer` the consuming service's own
+//! `--source`. Every topic a service publishes on carries its own name at a fixed level,
+//! so that a broker ACL keyed by the username (the service's name) can allow each
+//! service exactly its own topics: [`mosquitto_acl`] writes those rules. A producer
+//! also checks that a request's `consumer` matches its topic, so the ACL on the topic
+//! binds the payload too.
 //!
 //! docs/recovery.md explains how these messages repair what the broker loses.
 
@@ -23,6 +31,10 @@ pub const NAME_MAX_BYTES: usize = 64;
 pub const EVENT_TYPE_MAX_BYTES: usize = 128;
 /// Longest topic prefix, in bytes.
 pub const PREFIX_MAX_BYTES: usize = 128;
+/// The default `--topic-prefix`.
+pub const DEFAULT_TOPIC_PREFIX: &str = "edge-outbox";
+/// The last level of [`Topics::probe`].
+pub const PROBE_STREAM: &str = "_probe";
 /// Largest control message accepted, in bytes (a head announcement lists every stream
 /// of a producer; this bounds it to some thousands of streams).
 pub const CONTROL_MAX_BYTES: usize = 256 * 1024;
@@ -117,9 +129,22 @@ impl Topics {
         format!("{}/heads/{source}", self.prefix)
     }
 
-    /// Where consumers ask a producer to replay.
-    pub fn replay(&self, source: &str) -> String {
-        format!("{}/replay/{source}", self.prefix)
+    /// Where `consumer` asks the producer `source` to replay.
+    pub fn replay(&self, source: &str, consumer: &str) -> String {
+        format!("{}/replay/{source}/{consumer}", self.prefix)
+    }
+
+    /// Every consumer's replay requests to one producer.
+    pub fn replay_all(&self, source: &str) -> String {
+        format!("{}/replay/{source}/+", self.prefix)
+    }
+
+    /// Where a producer sends probes to itself, to find out whether the broker delivers
+    /// what it publishes on its event topics (a broker whose ACL denies a publish may
+    /// still acknowledge it). `_probe` can never be a stream: stream names start with
+    /// a letter or digit.
+    pub fn probe(&self, source: &str) -> String {
+        format!("{}/events/{source}/{PROBE_STREAM}", self.prefix)
     }
 
     /// Where a consumer reports its positions in one producer's streams.
@@ -193,6 +218,38 @@ pub struct PositionReport {
     pub consumer: String,
     /// Stream name -> last sequence number applied.
     pub positions: BTreeMap<String, u64>,
+}
+
+/// The Mosquitto ACL (`acl_file`) that lets each service publish only its own topics
+/// under `prefix`, when each service connects with its `--source` as its username:
+/// its events, head announcements and probes as a producer, its replay requests and
+/// position reports as a consumer. Every service may read every event and head
+/// announcement, and the replay requests and position reports addressed to it.
+/// `observers` get read-only access to everything under the prefix (e.g. for
+/// `mosquitto_sub`). Mosquitto warns at start that the read-all patterns hold no `%u`;
+/// that is intended.
+pub fn mosquitto_acl(prefix: &str, observers: &[&str]) -> String {
+    let mut acl = format!(
+        "# Written by edge-outbox (protocol::mosquitto_acl) for the topic prefix {prefix:?}.\n\
+         # Each service connects with its --source as its MQTT username (%u).\n\
+         # What a service may publish: only topics that carry its own name.\n\
+         pattern write {prefix}/events/%u/+\n\
+         pattern write {prefix}/heads/%u\n\
+         pattern write {prefix}/replay/+/%u\n\
+         pattern write {prefix}/positions/+/%u\n\
+         # What a service may read: every event and head announcement, and the\n\
+         # requests and reports addressed to it.\n\
+         pattern read {prefix}/events/+/+\n\
+         pattern read {prefix}/heads/+\n\
+         pattern read {prefix}/replay/%u/+\n\
+         pattern read {prefix}/positions/%u/+\n"
+    );
+    for observer in observers {
+        acl.push_str(&format!(
+            "# {observer}: read-only, for watching (mosquitto_sub).\nuser {observer}\ntopic read {prefix}/#\n"
+        ));
+    }
+    acl
 }
 
 /// Parses a control message, refusing oversize input before parsing it.

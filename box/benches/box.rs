@@ -260,11 +260,12 @@ fn render(rows: &[[String; 5]]) -> String {
 }
 
 /// The lines of the repo's mosquitto.conf that shape throughput, for the bench broker
-/// (which has its own listener and no persistence).
+/// (which has its own listener and no persistence). The file is at the workspace root,
+/// one level above this package.
 fn repo_broker_settings() -> String {
-    let conf =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("mosquitto.conf"))
-            .expect("mosquitto.conf");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../mosquitto.conf");
+    let conf = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     conf.lines()
         .filter(|l| {
             [

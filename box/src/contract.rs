@@ -5,6 +5,12 @@
 
 use serde::{Deserialize, Serialize};
 
+/// user-service's default `--source`: the CloudEvents `source` of its events, a level
+/// of its topics, and its MQTT username on the box's broker.
+pub const USER_SERVICE: &str = "user-service";
+/// transaction-service's default `--source` (see [`USER_SERVICE`]).
+pub const TRANSACTION_SERVICE: &str = "transaction-service";
+
 /// The stream user-service produces.
 pub const USERS_STREAM: &str = "users";
 /// The event a new user produces, on [`USERS_STREAM`]; its data is a [`User`].

@@ -3,130 +3,17 @@
 #![allow(clippy::result_large_err)]
 
 // The library's test support (real brokers, databases), shared rather than copied.
+mod services;
 #[path = "../../tests/support/mod.rs"]
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
 
-use serde_json::{json, Value};
-use support::{free_port, Broker};
-
-struct Service {
-    name: &'static str,
-    child: Child,
-    base: String,
-    log: PathBuf,
-}
-
-impl Service {
-    fn start(name: &'static str, exe: &str, dir: &Path, broker: &Broker) -> Service {
-        let port = free_port();
-        let log = dir.join(format!("{name}.log"));
-        let child = Command::new(exe)
-            .args(["--db", dir.join(format!("{name}.db")).to_str().unwrap()])
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--broker", &broker.url()])
-            .args(["--topic-prefix", &format!("e2e-{}", std::process::id())])
-            .args([
-                "--relay-heads-interval-ms",
-                "300",
-                "--consumer-gap-timeout-ms",
-                "300",
-            ])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {exe}: {e}"));
-        let mut s = Service {
-            name,
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-            log,
-        };
-        s.wait_healthy();
-        s
-    }
-
-    fn wait_healthy(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while ureq::get(&format!("{}/healthz", self.base)).call().is_err() {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!(
-                    "{} exited with {status}: {}",
-                    self.name,
-                    std::fs::read_to_string(&self.log).unwrap_or_default()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} not healthy within 20 s",
-                self.name
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn get(&self, path: &str) -> (u16, Value) {
-        response(ureq::get(&format!("{}{path}", self.base)).call())
-    }
-
-    fn post(&self, path: &str, body: Value, key: Option<&str>) -> (u16, Value) {
-        let mut req = ureq::post(&format!("{}{path}", self.base));
-        if let Some(k) = key {
-            req = req.set("Idempotency-Key", k);
-        }
-        response(req.send_json(body))
-    }
-
-    /// SIGTERM; returns how the process exited and how long it took.
-    fn terminate(&mut self) -> (ExitStatus, Duration) {
-        let started = Instant::now();
-        // SAFETY: kill(2) on our own child, not yet reaped.
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
-        }
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return (status, started.elapsed());
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(15),
-                "{} did not stop within 15 s of SIGTERM",
-                self.name
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn response(r: Result<ureq::Response, ureq::Error>) -> (u16, Value) {
-    match r {
-        Ok(res) => (res.status(), res.into_json().unwrap_or(Value::Null)),
-        Err(ureq::Error::Status(code, res)) => (code, res.into_json().unwrap_or(Value::Null)),
-        Err(e) => panic!("HTTP request failed: {e}"),
-    }
-}
-
-fn wait_until(what: &str, secs: u64, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !check() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {secs} s waiting for: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+use serde_json::json;
+use services::{wait_until, Service};
+use support::Broker;
 
 fn verify(dir: &Path) -> (i32, String) {
     verify_with(dir, &[])

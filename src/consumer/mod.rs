@@ -179,6 +179,12 @@ impl Consumer {
         self.status.clone()
     }
 
+    /// The name this consumer gives producers in replay requests and position reports:
+    /// its service's `--source`, which is also its MQTT username under the box's ACL.
+    pub fn name(&self) -> &str {
+        &self.config.source
+    }
+
     /// The stable MQTT client id of this consumer.
     pub fn client_id(&self) -> String {
         format!("{}-consumer", self.config.client_id)
@@ -231,7 +237,6 @@ impl Consumer {
         let mut p = Processor {
             consumer: &self,
             client: &client,
-            client_id: &client_id,
             positions,
             gaps: HashMap::new(),
             dead_log: LogLimiter::new(Duration::from_secs(10)),
@@ -326,7 +331,6 @@ impl Drop for AbortOnDrop {
 struct Processor<'a> {
     consumer: &'a Consumer,
     client: &'a AsyncClient,
-    client_id: &'a str,
     positions: HashMap<StreamKey, u64>,
     gaps: HashMap<StreamKey, Gap>,
     dead_log: LogLimiter,
@@ -552,12 +556,16 @@ impl Processor<'_> {
                 continue;
             }
             let request = ReplayRequest {
-                consumer: self.client_id.to_owned(),
+                consumer: self.consumer.name().to_owned(),
                 stream: key.stream.clone(),
                 from_seq: position + 1,
             };
             let payload = serde_json::to_vec(&request).expect("replay requests serialise");
-            let topic = self.consumer.ctx.topics.replay(&key.source);
+            let topic = self
+                .consumer
+                .ctx
+                .topics
+                .replay(&key.source, self.consumer.name());
             match self
                 .client
                 .try_publish(topic, QoS::AtLeastOnce, false, payload)
@@ -597,11 +605,15 @@ impl Processor<'_> {
         }
         for (source, positions) in by_source {
             let report = PositionReport {
-                consumer: self.client_id.to_owned(),
+                consumer: self.consumer.name().to_owned(),
                 positions,
             };
             let payload = serde_json::to_vec(&report).expect("position reports serialise");
-            let topic = self.consumer.ctx.topics.positions(source, self.client_id);
+            let topic = self
+                .consumer
+                .ctx
+                .topics
+                .positions(source, self.consumer.name());
             if let Err(e) = self
                 .client
                 .try_publish(topic, QoS::AtLeastOnce, true, payload)

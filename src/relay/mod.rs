@@ -19,10 +19,15 @@
 //! - Recovery (docs/recovery.md): it announces each stream's head every
 //!   `--relay-heads-interval-ms` and answers replay requests by setting the requested
 //!   rows back to pending.
+//! - Delivery check ([`probe`]): a PUBACK does not prove that the broker delivers a
+//!   message (an ACL may drop it), so the relay sends itself a probe on its own event
+//!   topics at the same interval, and reports when one does not come back.
 
 mod correlation;
+pub mod probe;
 
 pub use correlation::Correlator;
+use probe::Probe;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -65,6 +70,10 @@ const DB_RETRY_DELAY: Duration = Duration::from_secs(1);
 /// Time given to the DISCONNECT packet on shutdown.
 const DISCONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// A probe may take at least this long to come back before the relay reports that the
+/// broker does not deliver its publishes (otherwise twice `--relay-heads-interval-ms`).
+const PROBE_TIMEOUT_MIN: Duration = Duration::from_secs(2);
+
 /// Errors that stop the relay from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -81,6 +90,7 @@ pub enum RelayError {
 pub struct RelayStatus {
     connected: AtomicBool,
     marked_published: AtomicU64,
+    publish_refused: Mutex<Option<String>>,
 }
 
 impl RelayStatus {
@@ -91,6 +101,20 @@ impl RelayStatus {
     /// Rows marked published since the relay started.
     pub fn marked_published(&self) -> u64 {
         self.marked_published.load(Ordering::Relaxed)
+    }
+    /// Why the broker is believed not to deliver this service's publishes (its probe
+    /// did not come back: an ACL that denies them, most likely), or None while it does.
+    pub fn publish_refused(&self) -> Option<String> {
+        self.publish_refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+    fn set_publish_refused(&self, why: Option<String>) {
+        *self
+            .publish_refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = why;
     }
 }
 
@@ -261,10 +285,16 @@ impl Relay {
             false,
             window * 2 + 16,
         )?;
-        let replay_topic = self.topics.replay(source);
+        let replay_filter = self.topics.replay_all(source);
+        let replay_prefix = replay_filter.trim_end_matches('+').to_owned();
         let positions_filter = self.topics.positions_all(source);
         let positions_prefix = positions_filter.trim_end_matches('+').to_owned();
         let heads_topic = self.topics.heads(source);
+        let probe_topic = self.topics.probe(source);
+        let mut probe = Probe::new(
+            Config::ms(cfg.relay_heads_interval_ms.saturating_mul(2)).max(PROBE_TIMEOUT_MIN),
+        );
+        let mut probe_log = LogLimiter::new(Duration::from_secs(60));
 
         // A connection of its own: data_version reports commits by *other* connections.
         let dv_conn = Connection::open_with_flags(
@@ -353,8 +383,11 @@ impl Relay {
                         conn_log.reset();
                         st.rewind();
                         heads_tick.reset_immediately();
-                        let subs = [replay_topic.clone(), positions_filter.clone()]
-                            .map(|t| rumqttc::SubscribeFilter::new(t, QoS::AtLeastOnce));
+                        let subs = [
+                            rumqttc::SubscribeFilter::new(replay_filter.clone(), QoS::AtLeastOnce),
+                            rumqttc::SubscribeFilter::new(positions_filter.clone(), QoS::AtLeastOnce),
+                            rumqttc::SubscribeFilter::new(probe_topic.clone(), QoS::AtMostOnce),
+                        ];
                         if let Err(e) = client.try_subscribe_many(subs) {
                             tracing::warn!(error = %e, "relay could not subscribe to replay requests");
                         }
@@ -366,8 +399,14 @@ impl Relay {
                         }
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
-                        if p.topic == replay_topic {
-                            self.on_replay_request(&p.payload, &mut st, &side_tx);
+                        if p.topic == probe_topic {
+                            if probe.on_echo(&p.payload) {
+                                tracing::info!(topic = %probe_topic, "relay: the broker delivers this service's publishes again");
+                                self.status.set_publish_refused(None);
+                                probe_log.reset();
+                            }
+                        } else if let Some(consumer) = p.topic.strip_prefix(replay_prefix.as_str()) {
+                            self.on_replay_request(consumer, &p.payload, &mut st, &side_tx);
                         } else if let Some(consumer) = p.topic.strip_prefix(positions_prefix.as_str()) {
                             self.on_position_report(consumer, &p.payload, &side_tx);
                         }
@@ -376,6 +415,7 @@ impl Relay {
                     Err(e) => {
                         let was_connected = st.connected;
                         st.connection_lost();
+                        probe.connection_lost();
                         self.status.connected.store(false, Ordering::Relaxed);
                         if let Some(suppressed) = conn_log.allow() {
                             tracing::warn!(error = %e, was_connected, suppressed, "relay: broker connection failed; rows stay pending and are re-published after reconnecting");
@@ -440,6 +480,25 @@ impl Relay {
                     });
                 }
                 _ = heads_tick.tick(), if st.connected && drain_deadline.is_none() => {
+                    let tick = probe.tick(Instant::now().into_std());
+                    if tick.newly_refused || (probe.refused() && tick.send.is_some()) {
+                        let why = format!(
+                            "the broker acknowledged this service's probe on {probe_topic} but did not deliver it within {} ms: \
+                             it most likely refuses this service's publishes or subscriptions (check its ACL and --mqtt-username); \
+                             events are kept and consumers ask for them again once it is fixed",
+                            probe.timeout().as_millis()
+                        );
+                        if let Some(suppressed) = probe_log.allow() {
+                            tracing::error!(suppressed, "relay: {why}");
+                        }
+                        self.status.set_publish_refused(Some(why));
+                    }
+                    if let Some(payload) = tick.send {
+                        st.correlator.queued(None);
+                        if client.try_publish(probe_topic.clone(), QoS::AtLeastOnce, false, payload).is_err() {
+                            st.correlator.unqueue_last();
+                        }
+                    }
                     let tx = side_tx.clone();
                     let db = self.db.clone();
                     tokio::spawn(async move {
@@ -542,7 +601,13 @@ impl Relay {
         }
     }
 
-    fn on_replay_request(&self, payload: &[u8], st: &mut State, side: &mpsc::Sender<Side>) {
+    fn on_replay_request(
+        &self,
+        consumer: &str,
+        payload: &[u8],
+        st: &mut State,
+        side: &mpsc::Sender<Side>,
+    ) {
         let req: ReplayRequest = match protocol::parse_control(payload) {
             Ok(r) => r,
             Err(e) => {
@@ -550,6 +615,10 @@ impl Relay {
                 return;
             }
         };
+        if req.consumer != consumer {
+            tracing::warn!(topic_consumer = %consumer.escape_debug(), consumer = %req.consumer.escape_debug(), "ignoring replay request: consumer does not match its topic");
+            return;
+        }
         if let Err(e) = protocol::validate_name(&req.stream) {
             tracing::warn!(error = %e, consumer = %req.consumer.escape_debug(), "ignoring replay request for an invalid stream");
             return;

@@ -13,6 +13,9 @@ use tokio::process::Command;
 use crate::admin::run_all::{
     bin_dir, free_port, http, spawn, stop, wait_healthy, wait_listening, Output, Proc,
 };
+use edge_outbox::protocol::DEFAULT_TOPIC_PREFIX;
+
+use crate::admin::broker_access;
 use crate::admin::verify::{self, Target};
 
 /// Settings of the walk-through.
@@ -72,7 +75,14 @@ pub async fn run(opts: DemoOffline) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let (broker_port, users_port, ledger_port) = (free_port()?, free_port()?, free_port()?);
     let conf = dir.join("mosquitto.conf");
-    std::fs::write(&conf, format!("listener {broker_port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\npersistence false\n"))?;
+    let access = broker_access::ensure(&dir.join("mqtt"), DEFAULT_TOPIC_PREFIX)?;
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {broker_port} 127.0.0.1\n{}set_tcp_nodelay true\npersistence false\n",
+            access.mosquitto_conf_lines()
+        ),
+    )?;
 
     say(&format!(
         "Starting a box of its own: Mosquitto on 127.0.0.1:{broker_port}, user-service on :{users_port}, transaction-service on :{ledger_port} (logs and databases in {})",
@@ -85,7 +95,9 @@ pub async fn run(opts: DemoOffline) -> anyhow::Result<()> {
         ("transaction-service", ledger_port),
     ] {
         let mut cmd = Command::new(bin_dir.join(name));
-        cmd.arg("--db")
+        cmd.envs(access.service_env(name))
+            .env_remove("TOPIC_PREFIX")
+            .arg("--db")
             .arg(dir.join(format!("{name}.db")))
             .args([
                 "--listen",

@@ -27,6 +27,9 @@ use tokio::process::Command;
 use crate::admin::run_all::{
     bin_dir, free_port, http, spawn, wait_healthy, wait_listening, Output, Proc,
 };
+use edge_outbox::protocol::DEFAULT_TOPIC_PREFIX;
+
+use crate::admin::broker_access::{self, BrokerAccess};
 use crate::admin::verify::{self, Target};
 use edge_outbox::outbox;
 
@@ -138,6 +141,8 @@ struct Box_ {
     ledger_port: u16,
     /// broker, user-service, transaction-service
     procs: Vec<Option<Proc>>,
+    /// The broker's passwords and ACL (outside the image: a power cut must not eat them).
+    access: BrokerAccess,
 }
 
 const NAMES: [&str; 3] = ["mosquitto", "user-service", "transaction-service"];
@@ -196,7 +201,9 @@ impl Box_ {
                     self.ledger_port
                 };
                 let mut cmd = Command::new(self.bin_dir.join(name));
-                cmd.arg("--db")
+                cmd.envs(self.access.service_env(name))
+                    .env_remove("TOPIC_PREFIX")
+                    .arg("--db")
                     .arg(self.mnt.join(format!("{name}.db")))
                     .args([
                         "--listen",
@@ -437,6 +444,7 @@ pub async fn run(opts: PowerCut) -> anyhow::Result<String> {
         ledger_port: free_port()?,
         procs: vec![None, None, None],
         opts: opts.clone(),
+        access: broker_access::ensure(&dir.join("mqtt"), DEFAULT_TOPIC_PREFIX)?,
     };
     if opts.mode == Mode::Power {
         std::fs::File::create(&image)?.set_len(512 * 1024 * 1024)?;
@@ -447,8 +455,9 @@ pub async fn run(opts: PowerCut) -> anyhow::Result<String> {
     std::fs::write(
         dir.join("mosquitto.conf"),
         format!(
-            "listener {} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\nuser root\npersistence true\npersistence_location {}/\nautosave_interval 5\nmax_queued_messages 100000\nmax_inflight_messages 1000\n",
+            "listener {} 127.0.0.1\n{}set_tcp_nodelay true\nuser root\npersistence true\npersistence_location {}/\nautosave_interval 5\nmax_queued_messages 100000\nmax_inflight_messages 1000\n",
             b.broker_port,
+            b.access.mosquitto_conf_lines(),
             mnt.join("mosquitto").display()
         ),
     )?;

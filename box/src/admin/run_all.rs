@@ -4,10 +4,14 @@
 //! services first (SIGTERM: they finish in-flight work), then the broker. If any of
 //! them exits on its own, the others are stopped too and the exit is reported.
 //!
+//! Before the broker starts, the broker's passwords and ACL are prepared in `data/mqtt/`
+//! ([`super::broker_access`]; created on first start), and each service connects with
+//! its own username and password file.
+//!
 //! The children run in their own process groups, so that a terminal's Ctrl-C reaches
 //! only this supervisor, which then stops them in order.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -16,6 +20,13 @@ use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::signal::unix::{signal, SignalKind};
+
+use edge_outbox::protocol::DEFAULT_TOPIC_PREFIX;
+
+use super::broker_access;
+
+/// Where run-all keeps the broker's passwords and ACL (mosquitto.conf names them).
+pub const BROKER_ACCESS_DIR: &str = "data/mqtt";
 
 /// What to run.
 #[derive(Debug, Clone, clap::Args)]
@@ -26,6 +37,9 @@ pub struct RunAll {
     /// The mosquitto executable.
     #[arg(long, env = "MOSQUITTO", default_value = "mosquitto")]
     pub mosquitto: PathBuf,
+    /// The services' topic prefix (as they read it), for the broker's ACL.
+    #[arg(long, env = "TOPIC_PREFIX", default_value = DEFAULT_TOPIC_PREFIX)]
+    pub topic_prefix: String,
     /// Address the broker listens on (as set in the config), to wait for.
     #[arg(long, default_value = "127.0.0.1:1883")]
     pub broker_addr: String,
@@ -186,6 +200,7 @@ pub async fn run(opts: RunAll) -> anyhow::Result<()> {
         );
     }
     std::fs::create_dir_all("data/mosquitto").context("creating data/mosquitto")?;
+    let access = broker_access::ensure(Path::new(BROKER_ACCESS_DIR), &opts.topic_prefix)?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
 
@@ -207,7 +222,9 @@ pub async fn run(opts: RunAll) -> anyhow::Result<()> {
                 path.display()
             );
         }
-        services.push(spawn(name, &mut Command::new(path), Output::Prefixed)?);
+        let mut cmd = Command::new(path);
+        cmd.envs(access.service_env(name));
+        services.push(spawn(name, &mut cmd, Output::Prefixed)?);
     }
     println!("[run-all] the box is up: user-service on 127.0.0.1:8081, transaction-service on 127.0.0.1:8082; Ctrl-C stops everything");
 

@@ -166,6 +166,10 @@ pub async fn run(spec: Spec, args: ServiceArgs, shutdown: CancellationToken) -> 
     if !args.listen.ip().is_loopback() {
         tracing::warn!(listen = %args.listen, "listening beyond loopback: the API has no authentication");
     }
+    match &cfg.mqtt_username {
+        Some(user) => tracing::info!(username = %user, "connecting to the broker with a username and password"),
+        None => tracing::warn!("no MQTT credentials (--mqtt-username): connecting anonymously, which only a broker that admits anyone accepts"),
+    }
     let db = open_database(&args, spec.schema)?;
     let relay = Relay::new(db.clone(), cfg.clone())?;
     let consumer = Consumer::new(db.clone(), cfg.clone(), spec.consumes, spec.handlers)?;

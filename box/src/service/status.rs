@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use axum::extract::State;
+use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
@@ -20,12 +21,21 @@ pub fn routes() -> Router<AppState> {
         .route("/outbox/events", get(outbox_events))
 }
 
-async fn healthz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+/// 200 `{"status":"ok"}` when the database answers and the broker delivers what this
+/// service publishes; 503 `{"status":"degraded","reason":...}` when the relay's probe
+/// finds that the broker drops its publishes (an ACL that denies them).
+async fn healthz(State(state): State<AppState>) -> Result<(StatusCode, Json<Value>), ApiError> {
     state
         .db
         .read(|c| Ok(c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?))
         .await?;
-    Ok(Json(json!({ "status": "ok" })))
+    Ok(match state.relay.publish_refused() {
+        None => (StatusCode::OK, Json(json!({ "status": "ok" }))),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "degraded", "reason": reason })),
+        ),
+    })
 }
 
 #[derive(Serialize)]
@@ -73,6 +83,7 @@ async fn outbox_status(State(state): State<AppState>) -> Result<Json<Value>, Api
     Ok(Json(json!({
         "source": state.outbox.source(),
         "broker_connected": state.relay.connected(),
+        "publish_refused": state.relay.publish_refused(),
         "outbox": {
             "pending": stats.pending,
             "published": stats.published,

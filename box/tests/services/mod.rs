@@ -1,0 +1,154 @@
+//! The box's services as child processes, for the box's end-to-end tests.
+#![allow(dead_code)] // each test file uses its own part
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::support::{free_port, Broker};
+
+/// A service binary running as a child process, killed when dropped.
+pub struct Service {
+    pub name: &'static str,
+    pub child: Child,
+    /// http://127.0.0.1:PORT
+    pub base: String,
+    log: PathBuf,
+}
+
+impl Service {
+    /// Starts `exe` on a free port with its database in `dir`, connected to
+    /// `broker_url` with short recovery intervals; `tweak` adds arguments or
+    /// environment. Waits until /healthz answers.
+    pub fn start_with(
+        name: &'static str,
+        exe: &str,
+        dir: &Path,
+        broker_url: &str,
+        tweak: impl FnOnce(&mut Command),
+    ) -> Service {
+        let port = free_port();
+        let log = dir.join(format!("{name}.log"));
+        let mut cmd = Command::new(exe);
+        cmd.args(["--db", dir.join(format!("{name}.db")).to_str().unwrap()])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--broker", broker_url])
+            .args([
+                "--relay-heads-interval-ms",
+                "300",
+                "--consumer-gap-timeout-ms",
+                "300",
+            ])
+            .env("RUST_LOG", "info")
+            .env_remove("MQTT_USERNAME")
+            .env_remove("MQTT_PASSWORD_FILE")
+            .env_remove("MQTT_PASSWORD");
+        tweak(&mut cmd);
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {exe}: {e}"));
+        let mut s = Service {
+            name,
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            log,
+        };
+        s.wait_healthy();
+        s
+    }
+
+    /// [`Service::start_with`] on `broker` (anonymous), under a topic prefix of this
+    /// test process.
+    pub fn start(name: &'static str, exe: &str, dir: &Path, broker: &Broker) -> Service {
+        Service::start_with(name, exe, dir, &broker.url(), |cmd| {
+            cmd.args(["--topic-prefix", &format!("e2e-{}", std::process::id())]);
+        })
+    }
+
+    /// The service's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until /healthz answers 200, for at most 20 s.
+    pub fn wait_healthy(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while ureq::get(&format!("{}/healthz", self.base)).call().is_err() {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "{} exited with {status}: {}",
+                    self.name,
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} not healthy within 20 s",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        response(ureq::get(&format!("{}{path}", self.base)).call())
+    }
+
+    pub fn post(&self, path: &str, body: Value, key: Option<&str>) -> (u16, Value) {
+        let mut req = ureq::post(&format!("{}{path}", self.base));
+        if let Some(k) = key {
+            req = req.set("Idempotency-Key", k);
+        }
+        response(req.send_json(body))
+    }
+
+    /// SIGTERM; returns how the process exited and how long it took.
+    pub fn terminate(&mut self) -> (ExitStatus, Duration) {
+        let started = Instant::now();
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status, started.elapsed());
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "{} did not stop within 15 s of SIGTERM",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn response(r: Result<ureq::Response, ureq::Error>) -> (u16, Value) {
+    match r {
+        Ok(res) => (res.status(), res.into_json().unwrap_or(Value::Null)),
+        Err(ureq::Error::Status(code, res)) => (code, res.into_json().unwrap_or(Value::Null)),
+        Err(e) => panic!("HTTP request failed: {e}"),
+    }
+}
+
+pub fn wait_until(what: &str, secs: u64, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !check() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs} s waiting for: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
