@@ -4,7 +4,8 @@ SHELL := /bin/bash
 CARGO ?= cargo
 # cargo's real output folder: CARGO_TARGET_DIR, build.target-dir in a cargo config,
 # or ./target; cargo metadata knows which.
-TARGET_DIR := $(shell $(CARGO) metadata --format-version 1 --no-deps 2>/dev/null | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+# $(shell) does not see variables given on make's command line: pass it on.
+TARGET_DIR := $(shell $(if $(CARGO_TARGET_DIR),CARGO_TARGET_DIR='$(CARGO_TARGET_DIR)') $(CARGO) metadata --format-version 1 --no-deps 2>/dev/null | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
 BIN := $(or $(TARGET_DIR),target)/release
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 USERS := http://127.0.0.1:8081
@@ -32,6 +33,7 @@ help:
 	@echo "make bench    throughput and latency against the disk and the broker (quick; BENCH=full for longer)"
 	@echo "make verify   check the cross-service invariants of ./data (after the box drained)"
 	@echo "make build    build in release mode"
+	@echo "make test-docs, make check-deps  parts of make test: the library's doc examples and docs; its dependencies"
 	@echo "make clean    remove build output and ./data"
 
 # Mosquitto and its clients, from Debian's packages, when missing.
@@ -50,15 +52,15 @@ build:
 run-all: deps build
 	@mkdir -p data/mosquitto
 	@if [ "$$(id -u)" = 0 ] && id mosquitto >/dev/null 2>&1; then chown mosquitto data/mosquitto; fi
-	@PATH="$$PATH:/usr/sbin" $(BIN)/edge-outbox run-all
+	@PATH="$$PATH:/usr/sbin" "$(BIN)/edge-outbox" run-all
 
 # Runs a box of its own on free ports (data in data/demo-offline); needs no run-all.
 demo-offline: deps build
-	@PATH="$$PATH:/usr/sbin" $(BIN)/edge-outbox demo-offline
+	@PATH="$$PATH:/usr/sbin" "$(BIN)/edge-outbox" demo-offline
 
 # Needs root and loop devices for MODE=power (it says SKIPPED otherwise).
 power-cut: deps build
-	@PATH="$$PATH:/usr/sbin:/sbin" $(BIN)/edge-outbox power-cut --cycles $(CYCLES) --mode $(MODE)
+	@PATH="$$PATH:/usr/sbin:/sbin" "$(BIN)/edge-outbox" power-cut --cycles $(CYCLES) --mode $(MODE)
 
 # Quick mode takes about 3 minutes; BENCH=full runs 100,000 events per figure.
 bench: deps
@@ -68,8 +70,8 @@ watch:
 	@$(as_observer); mosquitto_sub -h 127.0.0.1 -p 1883 -v -t 'edge-outbox/events/#'
 
 verify:
-	@[ -x $(BIN)/edge-outbox ] || $(CARGO) build --release --locked
-	$(BIN)/edge-outbox verify
+	@[ -x "$(BIN)/edge-outbox" ] || $(CARGO) build --release --locked
+	"$(BIN)/edge-outbox" verify
 
 demo:
 	@set -euo pipefail; \
@@ -119,7 +121,8 @@ test-docs:
 
 # A program that embeds the library must not compile the box's HTTP stack.
 check-deps:
-	@bad=$$($(CARGO) tree --locked -p edge-outbox -e normal --prefix none | sed 's/ .*//' | grep -xE 'axum|hyper|tower|ureq|edge-box' | sort -u); \
+	@tree=$$($(CARGO) tree --locked -p edge-outbox -e normal --prefix none) || { echo "check-deps: cargo tree failed"; exit 1; }; \
+	bad=$$(sed 's/ .*//' <<< "$$tree" | grep -E '^(axum|hyper|tower|ureq|edge-box)(-|$$)' | sort -u); \
 	if [ -n "$$bad" ]; then echo "edge-outbox must not depend on: $$bad (cargo tree -p edge-outbox -e normal -i <crate> shows why)"; exit 1; fi; \
 	echo "check-deps: edge-outbox depends on none of axum, hyper, tower, ureq"
 

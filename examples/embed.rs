@@ -131,32 +131,41 @@ pub async fn run(broker_url: &str, dir: &Path) -> Result<Report, Box<dyn std::er
     }];
 
     let stop = CancellationToken::new();
-    let relay = tokio::spawn(Relay::new(shop.clone(), shop_config)?.run(stop.clone()));
-    let consumer = tokio::spawn(
-        Consumer::new(warehouse.clone(), warehouse_config, streams, handlers)?.run(stop.clone()),
-    );
+    let relay = Relay::new(shop.clone(), shop_config)?;
+    let consumer = Consumer::new(warehouse.clone(), warehouse_config, streams, handlers)?;
+    let (published, received) = (relay.status(), consumer.status());
+    let relay = tokio::spawn(relay.run(stop.clone()));
+    let consumer = tokio::spawn(consumer.run(stop.clone()));
 
+    // Done when every order is shipped, nothing is left to publish, and the warehouse
+    // has taken in (applied, or recognised as a duplicate) every event published.
     let orders = ids(&shop, "SELECT id FROM orders ORDER BY id").await?;
     let deadline = Instant::now() + Duration::from_secs(30);
-    let shipments = loop {
-        let shipped = ids(&warehouse, "SELECT order_id FROM shipments ORDER BY rowid").await?;
-        if shipped.len() >= orders.len() {
-            break shipped;
+    loop {
+        let shipped = ids(&warehouse, "SELECT order_id FROM shipments")
+            .await?
+            .len();
+        let pending = shop
+            .read(|c| Ok(edge_outbox::outbox::stats(c)?.pending))
+            .await?;
+        let taken_in = received.applied() + received.duplicates();
+        if shipped >= orders.len() && pending == 0 && taken_in >= published.marked_published() {
+            break;
         }
         if Instant::now() > deadline {
             return Err(format!(
-                "after 30 s the warehouse has shipped {} of {} orders",
-                shipped.len(),
+                "after 30 s the warehouse has shipped {shipped} of {} orders ({pending} events still to publish)",
                 orders.len()
             )
             .into());
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    }
 
     stop.cancel();
     relay.await??;
     consumer.await??;
+    let shipments = ids(&warehouse, "SELECT order_id FROM shipments ORDER BY rowid").await?;
     Ok(Report { orders, shipments })
 }
 

@@ -85,16 +85,18 @@
 //! let relay = Relay::new(db.clone(), config.clone())?;
 //! tokio::spawn(relay.run(stop.clone()));
 //!
-//! // Apply each event of stream "orders" from source "shop" exactly once.
+//! // Elsewhere, a warehouse with its own database applies each event of stream
+//! // "orders" from source "shop" exactly once, in the transaction that records it.
+//! # let warehouse_db = db.clone();
+//! # let warehouse_config = Config { source: "warehouse".into(), ..config.clone() };
 //! let handlers = Handlers::new().on("order.placed", |tx, event| {
 //!     let item = event.data["item"].as_str()
 //!         .ok_or_else(|| HandlerError::Permanent("data.item missing".into()))?;
-//!     tx.execute("INSERT INTO orders (item) VALUES (?1)", [item])?;
+//!     tx.execute("INSERT INTO shipments (item) VALUES (?1)", [item])?;
 //!     Ok(())
 //! });
-//! # let consumer_db = db.clone();
 //! let streams = vec![StreamKey { source: "shop".into(), stream: "orders".into() }];
-//! let consumer = Consumer::new(consumer_db, config.clone(), streams, handlers)?;
+//! let consumer = Consumer::new(warehouse_db, warehouse_config, streams, handlers)?;
 //! consumer.run(stop).await?;
 //! # Ok(())
 //! # }

@@ -253,7 +253,7 @@ pub fn mosquitto_acl(prefix: &str, observers: &[&str]) -> String {
 }
 
 /// Parses a control message, refusing oversize input before parsing it.
-pub fn parse_control<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, String> {
+pub(crate) fn parse_control<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, String> {
     if payload.len() > CONTROL_MAX_BYTES {
         return Err(format!(
             "{} bytes exceeds the {CONTROL_MAX_BYTES}-byte limit for control messages",

@@ -22,8 +22,19 @@ async fn the_embedding_example_ships_each_order_exactly_once_across_restarts() {
         "each order shipped once, in order"
     );
 
-    // A second run on the same databases (a restart): the new orders are shipped and
-    // the old ones, already in the warehouse's inbox, are not shipped again.
+    // A second run on the same databases (a restart), after setting the first run's
+    // events back to pending, as a replay request does: the relay publishes them again,
+    // and the warehouse's inbox, which has applied them, must not ship them twice.
+    let mut shop = rusqlite::Connection::open(dir.path().join("shop.db")).unwrap();
+    let tx = shop.transaction().unwrap();
+    let reset = edge_outbox::outbox::reset_for_replay(&tx, "orders", 1).unwrap();
+    tx.commit().unwrap();
+    assert_eq!(
+        reset,
+        embed::ORDERS_PER_RUN,
+        "the first run's events are pending again"
+    );
+    drop(shop);
     let second = embed::run(&broker.url(), dir.path()).await.unwrap();
     let expected: Vec<i64> = (1..=2 * embed::ORDERS_PER_RUN as i64).collect();
     assert_eq!(second.orders, expected);

@@ -13,13 +13,14 @@ pub const TRANSACTION_SERVICE: &str = "transaction-service";
 
 /// The stream user-service produces.
 pub const USERS_STREAM: &str = "users";
-/// The event a new user produces, on [`USERS_STREAM`]; its data is a [`User`].
+/// The event a new user produces, on [`USERS_STREAM`]; its data is a [`User`], read by
+/// consumers as a [`UserCreated`].
 pub const USER_CREATED: &str = "user.created";
 
 /// The stream transaction-service produces.
 pub const TRANSACTIONS_STREAM: &str = "transactions";
 /// The event each ledger entry produces, on [`TRANSACTIONS_STREAM`]; its data is a
-/// [`LedgerEntry`].
+/// [`LedgerEntry`], read by consumers as a [`TransactionCreated`].
 pub const TRANSACTION_CREATED: &str = "transaction.created";
 
 /// A user: the data of `user.created` (as it was created), and what `GET /users/{id}`
@@ -55,4 +56,31 @@ pub struct LedgerEntry {
     pub welcome: bool,
     /// RFC 3339, milliseconds, UTC.
     pub created_at: String,
+}
+
+/// What transaction-service reads of a `user.created` ([`User`]): consumers require
+/// only the fields they use, so that a producer may add fields without its events
+/// being dead-lettered by an older consumer.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct UserCreated {
+    /// [`User::id`].
+    pub id: i64,
+    /// [`User::name`].
+    pub name: String,
+    /// [`User::email`].
+    pub email: String,
+}
+
+/// What user-service reads of a `transaction.created` ([`LedgerEntry`]); see
+/// [`UserCreated`].
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct TransactionCreated {
+    /// [`LedgerEntry::id`].
+    pub id: i64,
+    /// [`LedgerEntry::user_id`].
+    pub user_id: i64,
+    /// [`LedgerEntry::amount_cents`].
+    pub amount_cents: i64,
+    /// [`LedgerEntry::kind`]: "credit" or "debit".
+    pub kind: String,
 }

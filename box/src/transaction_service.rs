@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::contract::{
-    LedgerEntry, User, TRANSACTIONS_STREAM, TRANSACTION_CREATED, USERS_STREAM, USER_CREATED,
+    LedgerEntry, UserCreated, TRANSACTIONS_STREAM, TRANSACTION_CREATED, USERS_STREAM, USER_CREATED,
 };
 use crate::service::http::{next_after, page, ApiError, AppJson, AppPath, AppQuery};
 use crate::service::idempotency::{self, IdempotencyKey};
@@ -283,7 +283,7 @@ fn apply_user_created(
     outbox: &Outbox,
     welcome_credit_cents: i64,
 ) -> Result<(), HandlerError> {
-    let u: User = serde_json::from_value(event.data.clone())
+    let u: UserCreated = serde_json::from_value(event.data.clone())
         .map_err(|e| HandlerError::Permanent(format!("bad user.created data: {e}")))?;
     if u.id <= 0 {
         return Err(HandlerError::Permanent(format!(

@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use edge_outbox::{CloudEvent, HandlerError, Handlers, Migration, NewEvent, Schema, StreamKey};
 
 use crate::contract::{
-    LedgerEntry, User, TRANSACTIONS_STREAM, TRANSACTION_CREATED, USERS_STREAM, USER_CREATED,
+    TransactionCreated, User, TRANSACTIONS_STREAM, TRANSACTION_CREATED, USERS_STREAM, USER_CREATED,
 };
 use crate::service::http::{next_after, page, ApiError, AppJson, AppPath, AppQuery};
 use crate::service::idempotency::{self, IdempotencyKey};
@@ -192,7 +192,7 @@ async fn list_users(
 
 /// Applies a `transaction.created` event: the user's balance moves by its amount.
 fn apply_transaction(tx: &rusqlite::Transaction, event: &CloudEvent) -> Result<(), HandlerError> {
-    let t: LedgerEntry = serde_json::from_value(event.data.clone())
+    let t: TransactionCreated = serde_json::from_value(event.data.clone())
         .map_err(|e| HandlerError::Permanent(format!("bad transaction.created data: {e}")))?;
     let delta = match t.kind.as_str() {
         "credit" => t.amount_cents,

@@ -1,5 +1,5 @@
 -- edge-outbox core schema, version 1.
--- Applied once by src/db.rs and recorded in schema_migrations. Never edit a released
+-- Applied once by src/storage/migrate.rs and recorded in schema_migrations. Never edit a released
 -- file: add a new numbered file instead.
 
 -- One row per stream this database produces. `last_seq` is the sequence number of the

@@ -498,7 +498,7 @@ pub fn skip_unrecoverable(
 /// Retention on the consumer side: deletes up to `limit` inbox records and dead
 /// letters older than `retention_ms`. Positions are kept: they, not these records,
 /// guard against applying an event twice.
-pub fn prune(tx: &Transaction, retention_ms: u64, limit: usize) -> Result<usize, DbError> {
+pub(crate) fn prune(tx: &Transaction, retention_ms: u64, limit: usize) -> Result<usize, DbError> {
     let cutoff = now_ms().saturating_sub(retention_ms as i64);
     let inbox = tx.execute(
         "DELETE FROM inbox WHERE rowid IN (SELECT rowid FROM inbox WHERE applied_at_ms < ?1 LIMIT ?2)",

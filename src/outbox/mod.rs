@@ -245,7 +245,7 @@ pub fn backlog(conn: &Connection) -> Result<Backlog, DbError> {
 
 /// A pending outbox row, as the relay publishes it.
 #[derive(Debug, Clone)]
-pub struct PendingRow {
+pub(crate) struct PendingRow {
     /// The outbox row id.
     pub id: i64,
     /// The event's CloudEvents `id`.
@@ -262,7 +262,7 @@ pub struct PendingRow {
 
 /// Up to `limit` pending rows with `id > after_id`, in id order (which is sequence
 /// order within each stream).
-pub fn fetch_pending(
+pub(crate) fn fetch_pending(
     conn: &Connection,
     after_id: i64,
     limit: usize,

@@ -26,7 +26,7 @@
 mod correlation;
 pub mod probe;
 
-pub use correlation::Correlator;
+use correlation::Correlator;
 use probe::Probe;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};

@@ -31,7 +31,7 @@ pub struct Schema {
 }
 
 /// The outbox, inbox and dead-letter tables every service database holds.
-pub const CORE_SCHEMA: Schema = Schema {
+pub(crate) const CORE_SCHEMA: Schema = Schema {
     component: "edge_outbox",
     migrations: &[Migration {
         version: 1,

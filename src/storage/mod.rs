@@ -14,7 +14,8 @@ pub mod migrate;
 pub mod writer;
 
 pub use error::DbError;
-pub use migrate::{Migration, Schema, CORE_SCHEMA};
+use migrate::CORE_SCHEMA;
+pub use migrate::{Migration, Schema};
 pub use writer::Writer;
 
 use std::path::{Path, PathBuf};

@@ -31,7 +31,7 @@ use super::error::DbError;
 
 /// Limits of the writer.
 #[derive(Debug, Clone, Copy)]
-pub struct WriterOptions {
+pub(crate) struct WriterOptions {
     /// Requests gathered into one transaction at most.
     pub batch_max: usize,
     /// Requests that may wait in the queue; senders wait when it is full.
@@ -81,7 +81,7 @@ impl Writer {
 
     /// Signalled after a commit that inserted outbox rows (the relay waits on it).
     /// It holds one permit, so a commit that happens while nobody waits is not missed.
-    pub fn outbox_inserted(&self) -> Arc<Notify> {
+    pub(crate) fn outbox_inserted(&self) -> Arc<Notify> {
         self.outbox_inserted.clone()
     }
 

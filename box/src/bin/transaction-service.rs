@@ -1,4 +1,4 @@
-//! transaction-service: a ledger per user. See src/transaction_service.rs and README.md.
+//! transaction-service: a ledger per user. See box/src/transaction_service.rs and README.md.
 
 use std::process::ExitCode;
 

@@ -1,4 +1,4 @@
-//! user-service: users and their balances. See src/user_service.rs and README.md.
+//! user-service: users and their balances. See box/src/user_service.rs and README.md.
 
 use std::process::ExitCode;
 
