@@ -15,8 +15,9 @@ use crate::storage::{DbOptions, Synchronous};
 /// Every setting of the outbox, the relay and the consumer. Units are in the names.
 #[derive(Debug, Clone, Args)]
 pub struct Config {
-    /// MQTT broker to publish to and consume from, as mqtt://HOST:PORT (no TLS in this
-    /// build).
+    /// MQTT broker to publish to and consume from: mqtt://HOST:PORT (plain TCP, port
+    /// 1883 by default) or mqtts://HOST:PORT (TLS, 8883 by default; the server's
+    /// certificate must be valid for HOST).
     #[arg(
         long = "broker",
         env = "MQTT_URL",
@@ -40,6 +41,20 @@ pub struct Config {
     /// takes precedence over --mqtt-password-file and MQTT_PASSWORD. Never printed.
     #[arg(skip)]
     pub mqtt_password: Option<Secret>,
+
+    /// With mqtts://: the CA certificate(s) (PEM) that the broker's certificate must
+    /// chain to. Without it the system's root certificates are trusted.
+    #[arg(long, env = "MQTT_CA_FILE")]
+    pub mqtt_ca_file: Option<PathBuf>,
+
+    /// With mqtts://: a client certificate chain (PEM) to present, for brokers that
+    /// require mutual TLS; needs --mqtt-key-file.
+    #[arg(long, env = "MQTT_CERT_FILE")]
+    pub mqtt_cert_file: Option<PathBuf>,
+
+    /// The private key (PEM) of --mqtt-cert-file.
+    #[arg(long, env = "MQTT_KEY_FILE")]
+    pub mqtt_key_file: Option<PathBuf>,
 
     /// MQTT client id prefix; the relay connects as "ID-relay" and the consumer as
     /// "ID-consumer" (stable, so that the broker keeps the consumer's session).
@@ -229,6 +244,8 @@ pub struct Credentials {
 /// Where the broker is, parsed from `broker_url`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerAddr {
+    /// True for mqtts:// (TLS).
+    pub tls: bool,
     /// Host name or IP address.
     pub host: String,
     /// TCP port.
@@ -243,6 +260,7 @@ impl Config {
     /// Checks every setting; the error names the flag and what is wrong with it.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.broker()?;
+        self.tls()?;
         self.credentials()?;
         if self.client_id.is_empty() || self.client_id.len() > 200 {
             return Err(bad("client-id", "must be 1 to 200 characters"));
@@ -360,16 +378,21 @@ impl Config {
     /// The broker address from `broker_url`.
     pub fn broker(&self) -> Result<BrokerAddr, ConfigError> {
         let url = self.broker_url.trim();
-        let rest = url
+        let plain = url
             .strip_prefix("mqtt://")
             .or_else(|| url.strip_prefix("tcp://"));
-        let Some(rest) = rest else {
-            let why = if url.starts_with("mqtts://") || url.starts_with("ssl://") {
-                "TLS (mqtts://) is not supported by this build; use mqtt://HOST:PORT on a trusted network"
-            } else {
-                "must look like mqtt://HOST:PORT"
-            };
-            return Err(bad("broker", format!("{url:?}: {why}")));
+        let tls = url
+            .strip_prefix("mqtts://")
+            .or_else(|| url.strip_prefix("ssl://"));
+        let (rest, tls, default_port) = match (plain, tls) {
+            (Some(rest), _) => (rest, false, 1883),
+            (None, Some(rest)) => (rest, true, 8883),
+            (None, None) => {
+                return Err(bad(
+                    "broker",
+                    format!("{url:?}: must look like mqtt://HOST:PORT or mqtts://HOST:PORT"),
+                ))
+            }
         };
         let rest = rest.trim_end_matches('/');
         if rest.contains('@') {
@@ -383,16 +406,52 @@ impl Config {
                     })?;
                 (h, port)
             }
-            None => (rest, 1883),
+            None => (rest, default_port),
         };
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() || host.contains('/') {
             return Err(bad("broker", format!("{url:?}: missing or malformed host")));
         }
         Ok(BrokerAddr {
+            tls,
             host: host.to_owned(),
             port,
         })
+    }
+
+    /// The TLS client config for an mqtts:// broker (None for mqtt://), built from
+    /// --mqtt-ca-file, --mqtt-cert-file and --mqtt-key-file; the files are read now,
+    /// and errors name the file.
+    pub fn tls(&self) -> Result<Option<std::sync::Arc<rustls::ClientConfig>>, ConfigError> {
+        let broker = self.broker()?;
+        let files = [
+            ("mqtt-ca-file", &self.mqtt_ca_file),
+            ("mqtt-cert-file", &self.mqtt_cert_file),
+            ("mqtt-key-file", &self.mqtt_key_file),
+        ];
+        if !broker.tls {
+            if let Some((flag, _)) = files.iter().find(|(_, f)| f.is_some()) {
+                return Err(bad(
+                    flag,
+                    "is only used with TLS: give --broker as mqtts://HOST:PORT",
+                ));
+            }
+            return Ok(None);
+        }
+        let client = match (&self.mqtt_cert_file, &self.mqtt_key_file) {
+            (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+            (None, None) => None,
+            (Some(_), None) => return Err(bad("mqtt-key-file", "--mqtt-cert-file needs its key")),
+            (None, Some(_)) => {
+                return Err(bad(
+                    "mqtt-cert-file",
+                    "--mqtt-key-file needs its certificate",
+                ))
+            }
+        };
+        crate::tls::client_config(self.mqtt_ca_file.as_deref(), client)
+            .map(Some)
+            .map_err(|e| bad(e.flag, e.reason))
     }
 
     /// Options for opening the database at `path` with these settings' durability,
@@ -564,6 +623,7 @@ mod tests {
         assert_eq!(
             c.broker().unwrap(),
             BrokerAddr {
+                tls: false,
                 host: "localhost".into(),
                 port: 1999
             }
@@ -575,7 +635,7 @@ mod tests {
             "mqtt://:1883",
             "mqtt://h:0",
             "mqtt://h:99999",
-            "mqtts://h:8883",
+            "mqtts://h:0",
             "mqtt://u:p@h:1",
         ] {
             c.broker_url = bad_url.into();

@@ -119,6 +119,7 @@ pub mod protocol;
 pub mod relay;
 mod retry;
 pub mod storage;
+mod tls;
 
 pub use config::{Config, ConfigError, Credentials, Secret};
 pub use consumer::inbox::{HandlerError, Handlers, StreamKey};

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, EventLoop, MqttOptions, NetworkOptions};
+use rumqttc::{AsyncClient, EventLoop, MqttOptions, NetworkOptions, TlsConfiguration, Transport};
 
 use crate::config::{Config, ConfigError};
 
@@ -31,6 +31,9 @@ pub fn client(
     let mut opts = MqttOptions::new(client_id, broker.host, broker.port);
     if let Some(c) = config.credentials()? {
         opts.set_credentials(c.username, c.password.expose());
+    }
+    if let Some(tls) = config.tls()? {
+        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
     }
     opts.set_keep_alive(Duration::from_secs(config.mqtt_keep_alive_s));
     // rumqttc's default (10 KiB) turns one larger message into an endless reconnect

@@ -91,6 +91,7 @@ pub struct RelayStatus {
     connected: AtomicBool,
     marked_published: AtomicU64,
     publish_refused: Mutex<Option<String>>,
+    connection_error: Mutex<Option<String>>,
 }
 
 impl RelayStatus {
@@ -109,6 +110,20 @@ impl RelayStatus {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+    /// Why the last attempt to reach the broker failed (refused, TLS certificate not
+    /// trusted, ...), while not connected; None once connected.
+    pub fn connection_error(&self) -> Option<String> {
+        self.connection_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+    fn set_connection_error(&self, why: Option<String>) {
+        *self
+            .connection_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = why;
     }
     fn set_publish_refused(&self, why: Option<String>) {
         *self
@@ -246,6 +261,22 @@ impl State {
     }
 }
 
+/// A connection error with its causes, e.g. "TLS: invalid peer certificate:
+/// UnknownIssuer": rumqttc's own message names only the outermost layer.
+fn connection_error_text(e: &rumqttc::ConnectionError) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
+}
+
 /// Awaits the future in `slot`, or never when there is none.
 async fn maybe<T>(slot: &mut Option<BoxFuture<T>>) -> T {
     match slot {
@@ -379,6 +410,7 @@ impl Relay {
                         tracing::info!(session_present = ack.session_present, "relay connected to broker");
                         st.connected = true;
                         self.status.connected.store(true, Ordering::Relaxed);
+                        self.status.set_connection_error(None);
                         backoff.reset();
                         conn_log.reset();
                         st.rewind();
@@ -417,8 +449,10 @@ impl Relay {
                         st.connection_lost();
                         probe.connection_lost();
                         self.status.connected.store(false, Ordering::Relaxed);
+                        let why = connection_error_text(&e);
+                        self.status.set_connection_error(Some(why.clone()));
                         if let Some(suppressed) = conn_log.allow() {
-                            tracing::warn!(error = %e, was_connected, suppressed, "relay: broker connection failed; rows stay pending and are re-published after reconnecting");
+                            tracing::warn!(error = %why, was_connected, suppressed, "relay: broker connection failed; rows stay pending and are re-published after reconnecting");
                         }
                         let delay = backoff.next_delay();
                         tokio::select! {

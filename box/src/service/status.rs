@@ -84,6 +84,7 @@ async fn outbox_status(State(state): State<AppState>) -> Result<Json<Value>, Api
         "source": state.outbox.source(),
         "broker_connected": state.relay.connected(),
         "publish_refused": state.relay.publish_refused(),
+        "broker_error": state.relay.connection_error(),
         "outbox": {
             "pending": stats.pending,
             "published": stats.published,
