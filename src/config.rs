@@ -315,6 +315,57 @@ impl Config {
         if let Some((flag, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(bad(flag, "must be greater than 0"));
         }
+        // Upper bounds: each setting sizes a buffer, a batch or a timer, and a huge one
+        // aborts the process later (an allocation of that size) instead of now.
+        const DAY_MS: u64 = 24 * 3600 * 1000;
+        let bounded: [(&'static str, u64, u64); 15] = [
+            ("relay-batch-max", self.relay_batch_max as u64, 100_000),
+            ("consumer-batch-max", self.consumer_batch_max as u64, 10_000),
+            (
+                "db-write-batch-max",
+                self.db_write_batch_max as u64,
+                100_000,
+            ),
+            (
+                "relay-heads-interval-ms",
+                self.relay_heads_interval_ms,
+                DAY_MS,
+            ),
+            (
+                "relay-poll-interval-ms",
+                self.relay_poll_interval_ms,
+                DAY_MS,
+            ),
+            (
+                "consumer-gap-timeout-ms",
+                self.consumer_gap_timeout_ms,
+                DAY_MS,
+            ),
+            (
+                "consumer-replay-retry-ms",
+                self.consumer_replay_retry_ms,
+                DAY_MS,
+            ),
+            (
+                "consumer-report-interval-ms",
+                self.consumer_report_interval_ms,
+                DAY_MS,
+            ),
+            ("retention-interval-ms", self.retention_interval_ms, DAY_MS),
+            (
+                "reconnect-backoff-max-ms",
+                self.reconnect_backoff_max_ms,
+                DAY_MS,
+            ),
+            ("mqtt-keep-alive-s", self.mqtt_keep_alive_s, 65_535),
+            ("db-busy-timeout-ms", self.db_busy_timeout_ms, DAY_MS),
+            ("shutdown-timeout-ms", self.shutdown_timeout_ms, DAY_MS),
+            ("retention-ms", self.retention_ms, 3650 * DAY_MS),
+            ("consumer-expiry-ms", self.consumer_expiry_ms, 3650 * DAY_MS),
+        ];
+        if let Some((flag, _, max)) = bounded.iter().find(|(_, v, max)| v > max) {
+            return Err(bad(flag, format!("must be at most {max}")));
+        }
         if self.reconnect_backoff_max_ms < self.reconnect_backoff_min_ms {
             return Err(bad(
                 "reconnect-backoff-max-ms",
@@ -689,6 +740,28 @@ mod tests {
                     ..d()
                 },
                 "source",
+            ),
+            // Regression: 100000000000 was accepted and aborted the service after ready.
+            (
+                Config {
+                    consumer_batch_max: 100_000_000_000,
+                    ..d()
+                },
+                "consumer-batch-max",
+            ),
+            (
+                Config {
+                    db_write_batch_max: 100_000_000_000,
+                    ..d()
+                },
+                "db-write-batch-max",
+            ),
+            (
+                Config {
+                    mqtt_keep_alive_s: 1 << 40,
+                    ..d()
+                },
+                "mqtt-keep-alive-s",
             ),
         ];
         for (config, flag) in cases {

@@ -31,6 +31,12 @@ pub const NAME_MAX_BYTES: usize = 64;
 pub const EVENT_TYPE_MAX_BYTES: usize = 128;
 /// Longest topic prefix, in bytes.
 pub const PREFIX_MAX_BYTES: usize = 128;
+/// The largest sequence number or position accepted anywhere: SQLite stores them as
+/// signed 64-bit integers. A message carrying a larger one is refused.
+pub const SEQ_MAX: u64 = i64::MAX as u64;
+/// Streams listed in one control message at most.
+pub const CONTROL_STREAMS_MAX: usize = 10_000;
+
 /// The default `--topic-prefix`.
 pub const DEFAULT_TOPIC_PREFIX: &str = "edge-outbox";
 /// The last level of [`Topics::probe`].
@@ -197,6 +203,28 @@ pub struct StreamHead {
     pub first: u64,
 }
 
+impl HeadAnnouncement {
+    /// Refuses an announcement that no producer would send: a bad stream name, a head
+    /// above [`SEQ_MAX`], or a `first` beyond `head + 1` (a producer cannot have deleted
+    /// what it never published, so a consumer never skips beyond the announced head).
+    pub fn validate(&self) -> Result<(), String> {
+        validate_name(&self.source)?;
+        if self.streams.len() > CONTROL_STREAMS_MAX {
+            return Err(format!("more than {CONTROL_STREAMS_MAX} streams"));
+        }
+        for (stream, h) in &self.streams {
+            validate_name(stream)?;
+            if h.head > SEQ_MAX || h.first == 0 || h.first > h.head.saturating_add(1) {
+                return Err(format!(
+                    "stream {stream:?}: head {} and first {} are not 0 <= first - 1 <= head <= {SEQ_MAX}",
+                    h.head, h.first
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A consumer asks a producer to publish a stream again from `from_seq` on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -209,6 +237,18 @@ pub struct ReplayRequest {
     pub from_seq: u64,
 }
 
+impl ReplayRequest {
+    /// Refuses a request with a bad consumer or stream name or a sequence out of range.
+    pub fn validate(&self) -> Result<(), String> {
+        validate_name(&self.consumer)?;
+        validate_name(&self.stream)?;
+        if self.from_seq == 0 || self.from_seq > SEQ_MAX {
+            return Err(format!("from_seq {} is not 1 to {SEQ_MAX}", self.from_seq));
+        }
+        Ok(())
+    }
+}
+
 /// A consumer's positions in one producer's streams. The producer keeps outbox rows
 /// that a known consumer has not applied yet (see the retention rule).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -218,6 +258,30 @@ pub struct PositionReport {
     pub consumer: String,
     /// Stream name -> last sequence number applied.
     pub positions: BTreeMap<String, u64>,
+    /// When the consumer made the report, in ms since the Unix epoch. A producer takes
+    /// the report's age from it, not from its arrival, so that a retained report of a
+    /// consumer that is gone expires (`--consumer-expiry-ms`) instead of being renewed
+    /// at every reconnect. Absent in reports of earlier releases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_ms: Option<u64>,
+}
+
+impl PositionReport {
+    /// Refuses a report with a bad consumer or stream name, too many streams, or a
+    /// position out of range.
+    pub fn validate(&self) -> Result<(), String> {
+        validate_name(&self.consumer)?;
+        if self.positions.len() > CONTROL_STREAMS_MAX {
+            return Err(format!("more than {CONTROL_STREAMS_MAX} streams"));
+        }
+        for (stream, p) in &self.positions {
+            validate_name(stream)?;
+            if *p > SEQ_MAX {
+                return Err(format!("stream {stream:?}: position {p} exceeds {SEQ_MAX}"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The Mosquitto ACL (`acl_file`) that lets each service publish only its own topics

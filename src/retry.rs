@@ -76,6 +76,21 @@ impl LogLimiter {
     }
 }
 
+/// `s` cut to `max` characters (with "..." when cut) and escaped, for a log line about
+/// input that anyone may have sent.
+pub fn truncated(s: &str, max: usize) -> String {
+    let mut out: String = s
+        .chars()
+        .take(max)
+        .collect::<String>()
+        .escape_debug()
+        .to_string();
+    if s.chars().count() > max {
+        out.push_str("...");
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,6 +109,13 @@ mod tests {
         }
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn truncated_cuts_long_input_and_escapes_control_characters() {
+        assert_eq!(truncated("abc", 5), "abc");
+        assert_eq!(truncated("abcdef", 3), "abc...");
+        assert_eq!(truncated("a\nb", 5), "a\\nb");
     }
 
     #[test]

@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError};
 use crate::protocol::{self, HeadAnnouncement, PositionReport, ReplayRequest, Topics};
-use crate::retry::{Backoff, LogLimiter};
+use crate::retry::{truncated, Backoff, LogLimiter};
 use crate::storage::{Database, DbError};
 use inbox::{ApplyError, Handlers, InboxContext, Isolation, Outcome, StreamKey};
 
@@ -489,8 +489,16 @@ impl Processor<'_> {
                 return;
             }
         };
+        if let Err(e) = heads.validate() {
+            if let Some(suppressed) = self.dead_log.allow() {
+                tracing::warn!(error = %truncated(&e, 200), topic = %m.topic, suppressed, "ignoring invalid head announcement");
+            }
+            return;
+        }
         if heads.source != topic_source {
-            tracing::warn!(topic = %m.topic, source = %heads.source.escape_debug(), "ignoring head announcement whose source does not match its topic");
+            if let Some(suppressed) = self.dead_log.allow() {
+                tracing::warn!(topic = %m.topic, suppressed, "ignoring head announcement whose source does not match its topic");
+            }
             return;
         }
         for (stream, head) in heads.streams {
@@ -607,6 +615,7 @@ impl Processor<'_> {
             let report = PositionReport {
                 consumer: self.consumer.name().to_owned(),
                 positions,
+                at_ms: Some(crate::clock::now_ms().max(0) as u64),
             };
             let payload = serde_json::to_vec(&report).expect("position reports serialise");
             let topic = self

@@ -64,6 +64,10 @@ impl CloudEvent {
         }
         match s.parse::<u64>() {
             Ok(0) => Err("sequence 0 is not valid; sequences start at 1".into()),
+            Ok(n) if n > protocol::SEQ_MAX => Err(format!(
+                "sequence {n} exceeds the largest sequence number, {}",
+                protocol::SEQ_MAX
+            )),
             Ok(n) => Ok(n),
             Err(e) => Err(format!("sequence {s:?}: {e}")),
         }

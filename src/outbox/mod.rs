@@ -340,19 +340,38 @@ pub fn heads(conn: &Connection) -> Result<BTreeMap<String, StreamHead>, DbError>
     Ok(heads)
 }
 
-/// Records what a consumer reported it has applied.
+/// Records what a consumer reported it has applied, as retention must see it: only for
+/// a stream this producer has, never beyond the stream's last sequence number, and
+/// never backwards (a report cannot make retention keep less than an earlier one
+/// allowed, nor more than was ever written). `reported_at_ms` is the report's own time
+/// (capped at now); a report without one renews nothing, so a retained report of a
+/// consumer that is gone still expires. Returns false when the stream is unknown.
 pub fn record_position(
     tx: &Transaction,
     consumer: &str,
     stream: &str,
     position: u64,
-) -> Result<(), DbError> {
-    tx.prepare_cached(
-        "INSERT INTO consumer_positions (consumer, stream, position, reported_at_ms) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT (consumer, stream) DO UPDATE SET position = excluded.position, reported_at_ms = excluded.reported_at_ms",
-    )?
-    .execute(params![consumer, stream, position.min(i64::MAX as u64) as i64, now_ms()])?;
-    Ok(())
+    reported_at_ms: Option<i64>,
+) -> Result<bool, DbError> {
+    let now = now_ms();
+    let n = tx
+        .prepare_cached(
+            "INSERT INTO consumer_positions (consumer, stream, position, reported_at_ms)
+             SELECT ?1, s.stream, MIN(?3, s.last_seq), MIN(COALESCE(?4, ?5), ?5)
+             FROM outbox_streams s WHERE s.stream = ?2
+             ON CONFLICT (consumer, stream) DO UPDATE SET
+                 position = MAX(position, excluded.position),
+                 reported_at_ms = CASE WHEN ?4 IS NULL THEN reported_at_ms
+                                       ELSE MAX(reported_at_ms, excluded.reported_at_ms) END",
+        )?
+        .execute(params![
+            consumer,
+            stream,
+            position.min(protocol::SEQ_MAX) as i64,
+            reported_at_ms,
+            now
+        ])?;
+    Ok(n > 0)
 }
 
 /// Retention: deletes up to `limit` outbox rows that are published, were created more
@@ -381,6 +400,10 @@ pub fn prune(
             now.saturating_sub(consumer_expiry_ms as i64),
             limit as i64
         ])?;
+    // A consumer that has not reported for the expiry no longer holds anything back;
+    // forget it, so that consumers that come and go leave no rows behind.
+    tx.prepare_cached("DELETE FROM consumer_positions WHERE reported_at_ms < ?1")?
+        .execute([now.saturating_sub(consumer_expiry_ms as i64)])?;
     Ok(n)
 }
 

@@ -45,7 +45,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, ConfigError};
 use crate::outbox::{self, PendingRow};
 use crate::protocol::{self, HeadAnnouncement, PositionReport, ReplayRequest, StreamHead, Topics};
-use crate::retry::{Backoff, LogLimiter};
+use crate::retry::{truncated, Backoff, LogLimiter};
 use crate::storage::{Database, DbError};
 
 /// Rows deleted per retention transaction at most, so that retention never holds the
@@ -58,7 +58,11 @@ const REPLAY_MIN_INTERVAL: Duration = Duration::from_millis(500);
 /// of requests naming made-up streams).
 const REPLAY_MEMORY_MAX: usize = 10_000;
 /// Streams one position report may list at most.
-const REPORT_STREAMS_MAX: usize = 1_000;
+/// Replay requests served per consumer per [`REPLAY_WINDOW`] at most.
+const REPLAYS_PER_CONSUMER_MAX: u32 = 60;
+const REPLAY_WINDOW: Duration = Duration::from_secs(60);
+/// Characters of a message's detail that a warning shows at most.
+const INPUT_LOG_DETAIL_MAX_CHARS: usize = 200;
 /// PUBACKed rows gathered before they are marked while other rows are still in flight.
 /// Each mark is a commit (an fsync) that rewrites the rows' pages and the pending
 /// indexes; marking whatever had arrived (often a few dozen rows) rewrote the same
@@ -90,6 +94,7 @@ pub enum RelayError {
 pub struct RelayStatus {
     connected: AtomicBool,
     marked_published: AtomicU64,
+    replays_served: AtomicU64,
     publish_refused: Mutex<Option<String>>,
     connection_error: Mutex<Option<String>>,
 }
@@ -102,6 +107,11 @@ impl RelayStatus {
     /// Rows marked published since the relay started.
     pub fn marked_published(&self) -> u64 {
         self.marked_published.load(Ordering::Relaxed)
+    }
+    /// Replay requests acted on since the relay started (those ignored as covered,
+    /// too frequent, retained or invalid are not counted).
+    pub fn replays_served(&self) -> u64 {
+        self.replays_served.load(Ordering::Relaxed)
     }
     /// Why the broker is believed not to deliver this service's publishes (its probe
     /// did not come back: an ACL that denies them, most likely), or None while it does.
@@ -139,6 +149,8 @@ pub struct Relay {
     config: Config,
     topics: Topics,
     status: Arc<RelayStatus>,
+    /// One limiter for every warning about a message from the broker.
+    input_log: Mutex<LogLimiter>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -185,6 +197,11 @@ struct State {
     connected: bool,
     last_data_version: Option<i64>,
     last_replay: HashMap<String, Instant>,
+    /// Streams being replayed, and from which sequence: a request that this covers is
+    /// a no-op. Forgotten once the relay has nothing left to publish.
+    replaying: HashMap<String, u64>,
+    /// Replay requests served per consumer in the current window: (window start, count).
+    replays_by_consumer: HashMap<String, (Instant, u32)>,
 }
 
 impl State {
@@ -202,6 +219,8 @@ impl State {
             connected: false,
             last_data_version: None,
             last_replay: HashMap::new(),
+            replaying: HashMap::new(),
+            replays_by_consumer: HashMap::new(),
         }
     }
 
@@ -251,6 +270,11 @@ impl State {
             && (self.acked.len() >= MARK_BATCH_MIN || self.correlator.is_empty() || stopping)
     }
 
+    /// Nothing is left to publish: no pending rows known, none buffered or in flight.
+    fn idle(&self) -> bool {
+        !self.maybe_more && self.buffer.is_empty() && self.correlator.is_empty()
+    }
+
     /// The connection is gone: rows waiting for a PUBACK will be published again.
     fn connection_lost(&mut self) {
         for id in self.correlator.reset() {
@@ -294,6 +318,7 @@ impl Relay {
             db,
             config,
             status: Arc::new(RelayStatus::default()),
+            input_log: Mutex::new(LogLimiter::new(Duration::from_secs(10))),
         })
     }
 
@@ -358,6 +383,9 @@ impl Relay {
         loop {
             if st.connected && drain_deadline.is_none() {
                 self.publish_buffered(&client, &mut st, window);
+            }
+            if !st.replaying.is_empty() && st.idle() {
+                st.replaying.clear(); // every replayed row has gone out
             }
             if drain_deadline.is_none()
                 && st.connected
@@ -438,7 +466,7 @@ impl Relay {
                                 probe_log.reset();
                             }
                         } else if let Some(consumer) = p.topic.strip_prefix(replay_prefix.as_str()) {
-                            self.on_replay_request(consumer, &p.payload, &mut st, &side_tx);
+                            self.on_replay_request(consumer, p.retain, &p.payload, &mut st, &side_tx);
                         } else if let Some(consumer) = p.topic.strip_prefix(positions_prefix.as_str()) {
                             self.on_position_report(consumer, &p.payload, &side_tx);
                         }
@@ -635,29 +663,57 @@ impl Relay {
         }
     }
 
+    /// A warning about a message from the broker: rate-limited, its detail truncated,
+    /// so that no sender can flood the log.
+    fn input_warning(&self, what: &str, detail: impl std::fmt::Display) {
+        let mut log = self.input_log.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(suppressed) = log.allow() {
+            let detail = truncated(&detail.to_string(), INPUT_LOG_DETAIL_MAX_CHARS);
+            tracing::warn!(detail = %detail, suppressed, "relay: {what}");
+        }
+    }
+
     fn on_replay_request(
         &self,
         consumer: &str,
+        retained: bool,
         payload: &[u8],
         st: &mut State,
         side: &mpsc::Sender<Side>,
     ) {
+        if retained {
+            // A replay request is a one-time ask; retained, it would replay the whole
+            // history at every connect.
+            self.input_warning("ignoring a retained replay request", consumer);
+            return;
+        }
         let req: ReplayRequest = match protocol::parse_control(payload) {
             Ok(r) => r,
             Err(e) => {
-                tracing::warn!(error = %e, "ignoring malformed replay request");
+                self.input_warning("ignoring malformed replay request", &e);
                 return;
             }
         };
-        if req.consumer != consumer {
-            tracing::warn!(topic_consumer = %consumer.escape_debug(), consumer = %req.consumer.escape_debug(), "ignoring replay request: consumer does not match its topic");
+        if let Err(e) = req.validate() {
+            self.input_warning("ignoring invalid replay request", &e);
             return;
         }
-        if let Err(e) = protocol::validate_name(&req.stream) {
-            tracing::warn!(error = %e, consumer = %req.consumer.escape_debug(), "ignoring replay request for an invalid stream");
+        if req.consumer != consumer {
+            self.input_warning(
+                "ignoring replay request: consumer does not match its topic",
+                consumer,
+            );
             return;
         }
         let now = Instant::now();
+        if st
+            .replaying
+            .get(&req.stream)
+            .is_some_and(|from| *from <= req.from_seq)
+        {
+            tracing::debug!(stream = %req.stream, from_seq = req.from_seq, "replay request covered by the replay in progress; ignored");
+            return;
+        }
         if st
             .last_replay
             .get(&req.stream)
@@ -669,8 +725,32 @@ impl Relay {
         if st.last_replay.len() >= REPLAY_MEMORY_MAX {
             st.last_replay.clear();
         }
+        if st.replays_by_consumer.len() >= REPLAY_MEMORY_MAX {
+            st.replays_by_consumer.clear();
+        }
+        let window = st
+            .replays_by_consumer
+            .entry(req.consumer.clone())
+            .or_insert((now, 0));
+        if now.duration_since(window.0) >= REPLAY_WINDOW {
+            *window = (now, 0);
+        }
+        if window.1 >= REPLAYS_PER_CONSUMER_MAX {
+            self.input_warning(
+                "ignoring replay request: this consumer asked too often (REPLAYS_PER_CONSUMER_MAX a minute)",
+                consumer,
+            );
+            return;
+        }
+        window.1 += 1;
         st.last_replay.insert(req.stream.clone(), now);
-        tracing::info!(consumer = %req.consumer.escape_debug(), stream = %req.stream, from_seq = req.from_seq, "replay requested");
+        let from = st
+            .replaying
+            .entry(req.stream.clone())
+            .or_insert(req.from_seq);
+        *from = (*from).min(req.from_seq);
+        tracing::info!(consumer = %req.consumer, stream = %req.stream, from_seq = req.from_seq, "replay requested");
+        self.status.replays_served.fetch_add(1, Ordering::Relaxed);
         let (writer, tx) = (self.db.writer().clone(), side.clone());
         tokio::spawn(async move {
             let (stream, from_seq) = (req.stream, req.from_seq.max(1));
@@ -692,22 +772,28 @@ impl Relay {
         let report: PositionReport = match protocol::parse_control(payload) {
             Ok(r) => r,
             Err(e) => {
-                tracing::warn!(error = %e, "ignoring malformed position report");
+                self.input_warning("ignoring malformed position report", &e);
                 return;
             }
         };
-        if report.consumer != consumer || report.positions.len() > REPORT_STREAMS_MAX {
-            tracing::warn!(topic_consumer = %consumer.escape_debug(), "ignoring position report: consumer does not match its topic, or too many streams");
+        if let Err(e) = report.validate() {
+            self.input_warning("ignoring invalid position report", &e);
             return;
         }
+        if report.consumer != consumer {
+            self.input_warning(
+                "ignoring position report: consumer does not match its topic",
+                consumer,
+            );
+            return;
+        }
+        let at_ms = report.at_ms.map(|t| t.min(protocol::SEQ_MAX) as i64);
         let (writer, tx) = (self.db.writer().clone(), side.clone());
         tokio::spawn(async move {
             let result = writer
                 .write(move |t| {
                     for (stream, position) in &report.positions {
-                        if protocol::validate_name(stream).is_ok() {
-                            outbox::record_position(t, &report.consumer, stream, *position)?;
-                        }
+                        outbox::record_position(t, &report.consumer, stream, *position, at_ms)?;
                     }
                     Ok(())
                 })

@@ -109,6 +109,7 @@ pub struct Database {
 
 struct Inner {
     path: PathBuf,
+    synchronous: Synchronous,
     readers: r2d2::Pool<SqliteConnectionManager>,
     writer: Writer,
 }
@@ -168,6 +169,7 @@ impl Database {
         Ok(Database {
             inner: Arc::new(Inner {
                 path,
+                synchronous: opts.synchronous,
                 readers,
                 writer,
             }),
@@ -177,6 +179,12 @@ impl Database {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// The writer's durability: anything but [`Synchronous::Full`] can lose
+    /// acknowledged commits in a power cut.
+    pub fn synchronous(&self) -> Synchronous {
+        self.inner.synchronous
     }
 
     /// The single writer: every write goes through it.

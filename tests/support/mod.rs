@@ -158,21 +158,42 @@ impl Broker {
 
     /// Publishes raw bytes with mosquitto_pub (QoS1), as a hostile or broken client would.
     pub fn publish_raw(&self, topic: &str, payload: &[u8]) {
+        self.mosquitto_pub(topic, payload, &["-f"]);
+    }
+
+    /// [`Broker::publish_raw`], retained.
+    pub fn publish_retained(&self, topic: &str, payload: &[u8]) {
+        self.mosquitto_pub(topic, payload, &["-r", "-f"]);
+    }
+
+    /// Each line of `lines` as one message, over one connection, as fast as it goes.
+    pub fn publish_lines(&self, topic: &str, lines: &[String]) {
+        let mut text = lines.join("\n");
+        text.push('\n');
+        self.mosquitto_pub(topic, text.as_bytes(), &["-l"]);
+    }
+
+    fn mosquitto_pub(&self, topic: &str, payload: &[u8], mode: &[&str]) {
         let file = self.dir.path().join("raw-payload");
         std::fs::write(&file, payload).unwrap();
-        let status = Command::new("mosquitto_pub")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-q",
-                "1",
-                "-t",
-                topic,
-                "-f",
-            ])
-            .arg(&file)
+        let mut cmd = Command::new("mosquitto_pub");
+        cmd.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-q",
+            "1",
+            "-t",
+            topic,
+        ])
+        .args(mode);
+        if mode.contains(&"-l") {
+            cmd.stdin(std::fs::File::open(&file).unwrap());
+        } else {
+            cmd.arg(&file);
+        }
+        let status = cmd
             .status()
             .expect("mosquitto_pub (package mosquitto-clients) must be installed");
         assert!(status.success(), "mosquitto_pub failed");

@@ -119,6 +119,14 @@ impl From<DbError> for ApiError {
                 "storage_error",
                 "the disk reported an I/O error; the write may or may not have been kept: retry with the same Idempotency-Key",
             )
+        } else if matches!(e, DbError::Commit { .. }) {
+            // The whole group commit was rolled back: this request's writes with it.
+            tracing::error!(error = %e, "write failed: its batch could not be committed");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage_error",
+                "the database could not commit this write; nothing was kept: retry with the same Idempotency-Key",
+            )
         } else if e.is_retryable() {
             tracing::warn!(error = %e, "write refused: database busy");
             ApiError::new(

@@ -166,6 +166,9 @@ pub async fn run(spec: Spec, args: ServiceArgs, shutdown: CancellationToken) -> 
     if !args.listen.ip().is_loopback() {
         tracing::warn!(listen = %args.listen, "listening beyond loopback: the API has no authentication");
     }
+    if cfg.db_synchronous != edge_outbox::Synchronous::Full {
+        tracing::warn!(db_synchronous = %cfg.db_synchronous, "--db-synchronous is not full: commits acknowledged to clients can be lost in a power cut (for benchmarks only)");
+    }
     match &cfg.mqtt_username {
         Some(user) => tracing::info!(username = %user, "connecting to the broker with a username and password"),
         None => tracing::warn!("no MQTT credentials (--mqtt-username): connecting anonymously, which only a broker that admits anyone accepts"),

@@ -82,6 +82,7 @@ async fn outbox_status(State(state): State<AppState>) -> Result<Json<Value>, Api
         .collect();
     Ok(Json(json!({
         "source": state.outbox.source(),
+        "db_synchronous": state.db.synchronous().to_string(),
         "broker_connected": state.relay.connected(),
         "publish_refused": state.relay.publish_refused(),
         "broker_error": state.relay.connection_error(),

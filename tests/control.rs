@@ -1,0 +1,198 @@
+//! Control messages that cannot destroy data, on an open broker (defence in depth: the
+//! box's ACL keeps strangers out, but a box may talk to brokers it does not control).
+//! Regression tests for issue 12; each message here did damage before.
+
+mod support;
+
+use std::sync::Arc;
+
+use edge_outbox::outbox::envelope::{format_sequence, CloudEvent};
+use edge_outbox::{Relay, RelayStatus};
+use support::*;
+use tokio_util::sync::CancellationToken;
+
+/// A relay of the pair's producer whose status the test can read.
+fn relay_with_status(p: &Pair) -> (Running, Arc<RelayStatus>) {
+    let relay = Relay::new(p.producer.clone(), p.cfg.clone()).unwrap();
+    let status = relay.status();
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    let task = tokio::spawn(async move { relay.run(c).await.unwrap() });
+    (Running { cancel, task }, status)
+}
+
+fn topic(p: &Pair, rest: &str) -> String {
+    format!("{}/{rest}", p.cfg.topic_prefix)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_announcement_cannot_skip_events_and_a_sequence_beyond_i64_is_dead_lettered() {
+    let broker = Broker::start();
+    let p = Pair::new(&broker.url(), |c| c);
+    let relay = p.spawn_relay();
+    let (consumer, status) = p.spawn_consumer();
+    create_items(&p.producer, &p.outbox, "a", 2).await;
+    wait_for("2 applied", 20, || status.applied() == 2).await;
+
+    // first far beyond head (it moved the position past every future event), and a head
+    // beyond i64 (the position overflowed and the consumer stalled for good).
+    let heads = topic(&p, "heads/producer");
+    broker.publish_retained(
+        &heads,
+        br#"{"source":"producer","streams":{"items":{"head":1,"first":1000000000000}}}"#,
+    );
+    broker.publish_raw(
+        &heads,
+        br#"{"source":"producer","streams":{"items":{"head":9223372036854775808,"first":9223372036854775808}}}"#,
+    );
+    // An event whose sequence is beyond what SQLite can hold.
+    let mut huge: CloudEvent = serde_json::from_slice(&outbox_row_payload(&p, 1)).unwrap();
+    huge.id = "huge".into();
+    huge.sequence = format_sequence(1 << 63);
+    broker.publish_raw(
+        &topic(&p, "events/producer/items"),
+        &serde_json::to_vec(&huge).unwrap(),
+    );
+    wait_for("the huge sequence dead-lettered", 20, || {
+        status.dead_lettered() == 1
+    })
+    .await;
+
+    create_items(&p.producer, &p.outbox, "b", 3).await;
+    wait_for("the next real events applied", 20, || status.applied() == 5).await;
+    assert_exactly_once_in_order(&p.consumer_path(), 5);
+    assert_eq!(
+        count(&p.consumer_path(), "SELECT COUNT(*) FROM inbox_skipped"),
+        0,
+        "nothing skipped"
+    );
+    relay.stop().await;
+    consumer.stop().await;
+}
+
+/// The envelope of the producer's outbox row with sequence `seq`.
+fn outbox_row_payload(p: &Pair, seq: i64) -> Vec<u8> {
+    inspect(&p.producer_path())
+        .query_row("SELECT payload FROM outbox WHERE seq = ?1", [seq], |r| {
+            r.get(0)
+        })
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn position_reports_only_move_forward_never_beyond_the_last_event_and_bad_names_are_ignored()
+{
+    let broker = Broker::start();
+    let p = Pair::new(&broker.url(), |c| c);
+    let relay = p.spawn_relay();
+    create_items(&p.producer, &p.outbox, "p", 5).await;
+    let report = |consumer: &str, json: String| {
+        broker.publish_raw(
+            &topic(&p, &format!("positions/producer/{consumer}")),
+            json.as_bytes(),
+        );
+    };
+    let position = |consumer: &str| -> i64 {
+        count(
+            &p.producer_path(),
+            &format!("SELECT COALESCE(MAX(position), -1) FROM consumer_positions WHERE consumer = '{consumer}'"),
+        )
+    };
+    report("c1", r#"{"consumer":"c1","positions":{"items":3}}"#.into());
+    wait_for("c1 at 3", 10, || position("c1") == 3).await;
+    // Backwards, then far beyond the last event (5): it stays at 3, then moves to 5.
+    report("c1", r#"{"consumer":"c1","positions":{"items":1}}"#.into());
+    report(
+        "c1",
+        r#"{"consumer":"c1","positions":{"items":1000000}}"#.into(),
+    );
+    wait_for("c1 clamped to the last event", 10, || position("c1") == 5).await;
+    report("c1", r#"{"consumer":"c1","positions":{"items":2}}"#.into());
+
+    // A name no consumer can have, a stream this producer does not have, and a sentinel
+    // that shows the relay has handled everything before it.
+    let long = "x".repeat(30_000);
+    report(
+        &long[..100],
+        format!(r#"{{"consumer":"{long}","positions":{{"items":1}}}}"#),
+    );
+    report(
+        "c2",
+        r#"{"consumer":"c2","positions":{"nosuchstream":7}}"#.into(),
+    );
+    report("c3", r#"{"consumer":"c3","positions":{"items":4}}"#.into());
+    wait_for("the sentinel report recorded", 10, || position("c3") == 4).await;
+    assert_eq!(
+        position("c1"),
+        5,
+        "a report never moves a position backwards"
+    );
+    assert_eq!(
+        count(&p.producer_path(), "SELECT COUNT(*) FROM consumer_positions WHERE length(consumer) > 64 OR stream <> 'items'"),
+        0,
+        "no row for an invalid name or an unknown stream"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_and_repeated_replay_requests_cannot_replay_the_history_again_and_again() {
+    let broker = Broker::start();
+    let p = Pair::new(&broker.url(), |c| c);
+    let (consumer, status) = p.spawn_consumer();
+    create_items(&p.producer, &p.outbox, "r", 50).await;
+
+    // A retained request waits on the broker: every relay that connects gets it.
+    let replay = topic(&p, "replay/producer/consumer");
+    let request =
+        |from: u64| format!(r#"{{"consumer":"consumer","stream":"items","from_seq":{from}}}"#);
+    broker.publish_retained(&replay, request(1).as_bytes());
+    let (relay, relay_status) = relay_with_status(&p);
+    wait_for("50 applied", 20, || status.applied() == 50).await;
+    // A sentinel request for the last event only, after the retained one on the same
+    // topic: once it is served, the retained one has been handled, and had it been
+    // served, every row would have been set back to pending (replayed = 1).
+    broker.publish_raw(&replay, request(50).as_bytes());
+    wait_for("the sentinel replay served", 20, || {
+        relay_status.replays_served() == 1
+    })
+    .await;
+    let replayed = count(
+        &p.producer_path(),
+        "SELECT COUNT(*) FROM outbox WHERE replayed = 1",
+    );
+    assert_eq!(
+        replayed, 1,
+        "the retained request was ignored, the sentinel served"
+    );
+    wait_for("the sentinel drained", 20, || {
+        pending(&p.producer_path()) == 0
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await; // past REPLAY_MIN_INTERVAL
+
+    // A storm: 60 requests from sequence 1 at once, and invalid ones.
+    let mut storm: Vec<String> = (0..60).map(|_| request(1)).collect();
+    storm.push(r#"{"consumer":"consumer","stream":"items","from_seq":9223372036854775808}"#.into());
+    storm.push(format!(
+        r#"{{"consumer":"{}","stream":"items","from_seq":1}}"#,
+        "y".repeat(30_000)
+    ));
+    broker.publish_lines(&replay, &storm);
+    wait_for("the storm replayed and drained", 20, || {
+        relay_status.replays_served() >= 2 && pending(&p.producer_path()) == 0
+    })
+    .await;
+    let served = relay_status.replays_served() - 1;
+    assert!(
+        served <= 3,
+        "60 requests for the same replay were served {served} times: they must coalesce (the retained one never)"
+    );
+    wait_for("the replayed events seen as duplicates", 20, || {
+        status.duplicates() >= 50
+    })
+    .await;
+    assert_exactly_once_in_order(&p.consumer_path(), 50);
+    relay.stop().await;
+    consumer.stop().await;
+}
