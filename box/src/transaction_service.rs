@@ -69,12 +69,26 @@ pub fn routes() -> Router<AppState> {
         .route("/users/{id}/balance", get(balance))
 }
 
-/// Credit or debit.
+/// Credit or debit. Only the strings "credit" and "debit" are accepted (serde's
+/// default would also take `{"credit": null}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase", try_from = "String")]
 pub enum Kind {
     Credit,
     Debit,
+}
+
+impl TryFrom<String> for Kind {
+    type Error = String;
+    fn try_from(s: String) -> Result<Kind, String> {
+        match s.as_str() {
+            "credit" => Ok(Kind::Credit),
+            "debit" => Ok(Kind::Debit),
+            other => Err(format!(
+                "kind must be \"credit\" or \"debit\", not {other:?}"
+            )),
+        }
+    }
 }
 
 impl Kind {

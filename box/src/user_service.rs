@@ -92,6 +92,12 @@ pub fn validate(input: &NewUser) -> Result<(String, String), ApiError> {
             "name must not contain control characters",
         ));
     }
+    if !name.chars().any(is_visible) {
+        return Err(ApiError::invalid(
+            "name",
+            "name must hold at least one visible character",
+        ));
+    }
     let email = input.email.trim();
     if !plausible_email(email) {
         return Err(ApiError::invalid(
@@ -100,6 +106,19 @@ pub fn validate(input: &NewUser) -> Result<(String, String), ApiError> {
         ));
     }
     Ok((name.to_owned(), email.to_owned()))
+}
+
+/// A character that shows: not whitespace, not a control character, not one of the
+/// invisible formatting characters (zero-width spaces and joiners, bidi controls, the
+/// BOM, soft hyphen, word joiner and the invisible operators, tag characters).
+fn is_visible(c: char) -> bool {
+    !c.is_whitespace()
+        && !c.is_control()
+        && !matches!(c,
+            '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}' | '\u{1160}' | '\u{17B4}' | '\u{17B5}'
+            | '\u{180B}'..='\u{180F}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}' | '\u{3164}' | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}'
+            | '\u{FFA0}' | '\u{FFF0}'..='\u{FFF8}' | '\u{E0000}'..='\u{E0FFF}')
 }
 
 /// One `@`, a non-empty local part, a domain with a dot and no empty label, no spaces

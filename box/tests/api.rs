@@ -380,7 +380,6 @@ async fn users_are_listed_in_bounded_pages() {
     }
 }
 
-/// A user transaction-service has learnt about, with a starting balance.
 /// A 503 with error `code` whose message tells the client nothing was written.
 fn assert_refused_with_nothing_written(status: StatusCode, err: &Value, code: &str) {
     assert_eq!(
@@ -392,6 +391,7 @@ fn assert_refused_with_nothing_written(status: StatusCode, err: &Value, code: &s
     assert!(message.contains("nothing was written"), "{err}");
 }
 
+/// A user transaction-service has learnt about, with a starting balance.
 fn seed_known_user(api: &Api, id: i64, balance: i64) {
     support::inspect(&api.path)
         .execute("INSERT INTO known_users (user_id, name, email, balance_cents, seen_at_ms) VALUES (?1, 'A', 'a@b.io', ?2, 0)", [id, balance])
@@ -685,4 +685,106 @@ async fn disk_full_refuses_writes_with_503_keeps_what_was_accepted_and_recovers_
     assert_eq!(status, StatusCode::CREATED, "{created}");
     assert_eq!(api.rows("users"), accepted + 1);
     assert_eq!(api.rows("outbox"), accepted + 1, "every user has its event");
+}
+
+/// Regression tests for issue 16, findings 4-8: every error is JSON in the documented
+/// shape, bodies are JSON objects, a wrongly typed field is 422 with its field.
+#[tokio::test]
+async fn fallbacks_and_shapes_of_bodies_are_refused_as_json_with_their_field() {
+    let users = users_api();
+    let ledger = ledger_api();
+    // 404 and 405 from the router itself.
+    let (status, err) = users.call("GET", "/no/such/route", None, &[]).await;
+    assert_eq!(
+        (status, err["error"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found")),
+        "{err}"
+    );
+    let (status, err) = users.call("DELETE", "/users", None, &[]).await;
+    assert_eq!(
+        (status, err["error"].as_str()),
+        (StatusCode::METHOD_NOT_ALLOWED, Some("method_not_allowed")),
+        "{err}"
+    );
+
+    // Not an object: nothing is created from an array.
+    let (status, err) = users.post("/users", r#"["Bob","bob@example.com"]"#).await;
+    assert_eq!(
+        (status, err["error"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_field")),
+        "{err}"
+    );
+    assert_eq!(users.rows("users"), 0);
+    // A repeated key names its field.
+    let (status, err) = users
+        .post("/users", r#"{"name":"A","name":"B","email":"a@b.io"}"#)
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
+    assert_eq!(err["field"], "name", "{err}");
+    // A name of invisible characters only.
+    let (status, err) = users
+        .post(
+            "/users",
+            "{\"name\":\"\u{200B}\u{202E}\u{2060}\",\"email\":\"a@b.io\"}",
+        )
+        .await;
+    assert_eq!(
+        (status, err["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("name")),
+        "{err}"
+    );
+    assert_eq!(users.rows("users"), 0);
+
+    // Wrongly typed fields of a transaction: 422 with the field, not 400.
+    for body in [
+        r#"{"user_id":1,"amount_cents":5,"kind":null}"#,
+        r#"{"user_id":1,"amount_cents":5,"kind":7}"#,
+        r#"{"user_id":1,"amount_cents":5,"kind":{"credit":null}}"#,
+    ] {
+        let (status, err) = ledger.post("/transactions", body).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {err}");
+        assert_eq!(err["error"], "invalid_field", "{body}: {err}");
+        assert_eq!(err["field"], "kind", "{body}: {err}");
+    }
+    let (status, err) = ledger.post("/transactions", r#"[1,5,"credit"]"#).await;
+    assert_eq!(
+        (status, err["error"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_field")),
+        "{err}"
+    );
+    assert_eq!(ledger.rows("transactions"), 0);
+}
+
+#[tokio::test]
+async fn repeated_idempotency_keys_and_non_canonical_ids_are_refused() {
+    let users = users_api();
+    let user = users.create_user("Ada", "ada@example.com").await;
+    assert_eq!(user["id"], 1);
+    let body = r#"{"name":"Bob","email":"bob@example.com"}"#;
+    let (status, err) = users
+        .call(
+            "POST",
+            "/users",
+            Some(body),
+            &[("Idempotency-Key", "k1"), ("Idempotency-Key", "k2")],
+        )
+        .await;
+    assert_eq!(
+        (status, err["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_header")),
+        "{err}"
+    );
+    assert_eq!(users.rows("users"), 1, "nothing written");
+    for alias in ["/users/+1", "/users/01", "/users/001"] {
+        let (status, err) = users.call("GET", alias, None, &[]).await;
+        assert_eq!(
+            (status, err["error"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_path")),
+            "{alias}: {err}"
+        );
+    }
+    assert_eq!(
+        users.call("GET", "/users/1", None, &[]).await.0,
+        StatusCode::OK
+    );
 }

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
@@ -168,9 +168,10 @@ impl From<OutboxError> for ApiError {
     }
 }
 
-/// `Json<T>` whose rejections are [`ApiError`]s: 400 for malformed JSON, 422 for a
-/// body of the wrong shape (unknown or missing fields, wrong types), 413 above the
-/// body limit, 415 without `Content-Type: application/json`.
+/// `Json<T>` whose rejections are [`ApiError`]s: 415 without `Content-Type:
+/// application/json`, 413 above the body limit, 400 `malformed_json` for a body that
+/// is not JSON, 422 `invalid_field` for JSON of the wrong shape: not an object, an
+/// unknown, missing, repeated or wrongly typed field (with its `field`).
 pub struct AppJson<T>(pub T);
 
 impl<S, T> FromRequest<S> for AppJson<T>
@@ -181,60 +182,103 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(AppJson(v)),
-            Err(JsonRejection::JsonDataError(e)) => {
-                let detail = serde_detail(&e.body_text());
-                let mut err = ApiError::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "invalid_field",
-                    detail.clone(),
-                );
-                err.field = field_of(&detail);
-                Err(err)
-            }
-            Err(JsonRejection::JsonSyntaxError(e)) => Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "malformed_json",
-                format!(
-                    "the body is not valid JSON: {}",
-                    serde_detail(&e.body_text())
-                ),
-            )),
-            Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::new(
+        let json_type = req
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<mime::Mime>().ok())
+            .is_some_and(|m| {
+                m.type_() == "application"
+                    && (m.subtype() == "json" || m.suffix().is_some_and(|s| s == "json"))
+            });
+        if !json_type {
+            return Err(ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_media_type",
                 "send the body as JSON with Content-Type: application/json",
-            )),
-            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                format!("the body exceeds {} bytes", BODY_MAX_BYTES),
-            )),
-            Err(e) => Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                e.body_text(),
-            )),
+            ));
         }
+        let body = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "body_too_large",
+                        format!("the body exceeds {BODY_MAX_BYTES} bytes"),
+                    )
+                } else {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "malformed_json",
+                        format!("the body could not be read: {}", e.body_text()),
+                    )
+                }
+            })?;
+        parse_json_object(&body).map(AppJson)
     }
+}
+
+/// Parses a request body that must be one JSON object of type `T`.
+pub fn parse_json_object<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    // First as any JSON: a syntax error is 400, and the top level must be an object
+    // (serde would also take a struct from an array: ["Bob","bob@example.com"]).
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+            format!("the body is not valid JSON: {e}"),
+        )
+    })?;
+    if !value.is_object() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            "the body must be a JSON object",
+        ));
+    }
+    // Then from the bytes again (not the Value), so that a repeated key is seen, and
+    // with the path of the field at fault.
+    let mut de = serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let detail = e.inner().to_string();
+        let field = if path.is_empty() || path == "." {
+            field_of(&detail)
+        } else {
+            Some(path.clone())
+        };
+        let message = match &field {
+            Some(f) if !detail.contains(f.as_str()) => format!("{f}: {detail}"),
+            _ => detail,
+        };
+        let mut err = ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", message);
+        err.field = field;
+        err
+    })
+}
+
+/// The answer to a path no route serves: 404 `not_found`, as JSON like every error.
+pub async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::not_found(format!("no such resource: {}", uri.path()))
+}
+
+/// The answer to a method a route does not take: 405 `method_not_allowed`.
+pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not allowed on {}", uri.path()),
+    )
 }
 
 /// The largest request body accepted.
 pub const BODY_MAX_BYTES: usize = 64 * 1024;
 
-/// axum's serde messages start with a fixed preamble; keep what names the problem.
-fn serde_detail(text: &str) -> String {
-    let text = text
-        .trim_start_matches("Failed to deserialize the JSON body into the target type: ")
-        .trim_start_matches("Failed to parse the request body as JSON: ");
-    text.to_owned()
-}
-
 /// The field a serde message is about: "name: invalid type..." or "unknown field `x`"
 /// or "missing field `x`".
 fn field_of(detail: &str) -> Option<String> {
-    for marker in ["unknown field `", "missing field `"] {
+    for marker in ["unknown field `", "missing field `", "duplicate field `"] {
         if let Some(rest) = detail.split(marker).nth(1) {
             return rest.split('`').next().map(str::to_owned);
         }
@@ -281,6 +325,24 @@ where
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        // One spelling per id: "1", never "+1" or "01", which would alias user 1.
+        let canonical = parts
+            .uri
+            .path()
+            .split('/')
+            .filter(|seg| {
+                seg.bytes()
+                    .next()
+                    .is_some_and(|b| b.is_ascii_digit() || b == b'+' || b == b'-')
+            })
+            .all(|seg| seg.parse::<i64>().is_ok_and(|n| n.to_string() == seg));
+        if !canonical {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_path",
+                "ids in paths are written in decimal without sign or leading zeros (e.g. /users/1)",
+            ));
+        }
         axum::extract::Path::<T>::from_request_parts(parts, state)
             .await
             .map(|p| AppPath(p.0))

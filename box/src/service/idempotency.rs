@@ -27,9 +27,18 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
-        let Some(value) = parts.headers.get(HEADER) else {
+        let mut values = parts.headers.get_all(HEADER).iter();
+        let Some(value) = values.next() else {
             return Ok(IdempotencyKey(None));
         };
+        if values.next().is_some() {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_header",
+                format!("{HEADER} was sent more than once; send one key per request"),
+            )
+            .with_field(HEADER));
+        }
         let valid = value.to_str().ok().filter(|k| {
             !k.is_empty() && k.len() <= KEY_MAX_BYTES && k.bytes().all(|b| b.is_ascii_graphic())
         });

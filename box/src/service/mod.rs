@@ -82,6 +82,8 @@ pub struct Spec {
 pub fn app(routes: Router<AppState>, state: AppState) -> Router {
     routes
         .merge(status::routes())
+        .fallback(http::not_found)
+        .method_not_allowed_fallback(http::method_not_allowed)
         .layer(DefaultBodyLimit::max(http::BODY_MAX_BYTES))
         .with_state(state)
 }
