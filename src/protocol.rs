@@ -289,10 +289,13 @@ impl PositionReport {
 /// its events, head announcements and probes as a producer, its replay requests and
 /// position reports as a consumer. Every service may read every event and head
 /// announcement, and the replay requests and position reports addressed to it.
-/// `observers` get read-only access to everything under the prefix (e.g. for
-/// `mosquitto_sub`). Mosquitto warns at start that the read-all patterns hold no `%u`;
-/// that is intended.
+/// `observers` get read-only access to the events and head announcements (e.g. for
+/// `mosquitto_sub`); an observer's name must not be a service's `--source`. Mosquitto
+/// may warn at start that the read-all patterns hold no `%u`; that is intended.
+/// `prefix` must have passed [`validate_prefix`] and the observers [`validate_name`].
 pub fn mosquitto_acl(prefix: &str, observers: &[&str]) -> String {
+    debug_assert!(validate_prefix(prefix).is_ok());
+    debug_assert!(observers.iter().all(|o| validate_name(o).is_ok()));
     let mut acl = format!(
         "# Written by edge-outbox (protocol::mosquitto_acl) for the topic prefix {prefix:?}.\n\
          # Each service connects with its --source as its MQTT username (%u).\n\
@@ -309,8 +312,18 @@ pub fn mosquitto_acl(prefix: &str, observers: &[&str]) -> String {
          pattern read {prefix}/positions/%u/+\n"
     );
     for observer in observers {
+        // The write patterns above apply to every user, the observer too: deny it the
+        // topics they would grant it (a retained position report of its own would hold
+        // back a producer's retention forever; replay requests would replay history).
         acl.push_str(&format!(
-            "# {observer}: read-only, for watching (mosquitto_sub).\nuser {observer}\ntopic read {prefix}/#\n"
+            "# {observer}: read-only, for watching (mosquitto_sub). The patterns above apply to\n\
+             # every user, so what they would let it write is denied here.\n\
+             user {observer}\n\
+             topic read {prefix}/#\n\
+             topic deny {prefix}/events/{observer}/#\n\
+             topic deny {prefix}/heads/{observer}\n\
+             topic deny {prefix}/replay/#\n\
+             topic deny {prefix}/positions/#\n"
         ));
     }
     acl

@@ -6,7 +6,7 @@ mod support;
 
 use edge_outbox::outbox::{self, OutboxError};
 use edge_outbox::storage::{DbError, Migration, Schema, Synchronous};
-use edge_outbox::{Database, DbOptions, NewEvent, Outbox};
+use edge_outbox::{Config, Database, DbOptions, NewEvent, Outbox};
 use support::*;
 
 fn pragma(db: &Database, name: &str) -> String {
@@ -374,4 +374,30 @@ fn the_backlog_counts_events_never_published_and_caps_new_ones_with_their_write(
     assert_eq!(backlog().events, 0, "and are not subtracted twice");
     assert_eq!(item("d").unwrap(), 4);
     assert_eq!(backlog().events, 1);
+}
+
+#[tokio::test]
+async fn a_relay_refuses_to_start_on_events_written_under_another_source_or_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config("mqtt://127.0.0.1:1", "producer");
+    let db = open_db(dir.path(), "p", &cfg);
+    create_items(&db, &Outbox::new(&cfg), "x", 2).await;
+    for changed in [
+        Config {
+            source: "someone-else".into(),
+            ..cfg.clone()
+        },
+        Config {
+            topic_prefix: "another/prefix".into(),
+            ..cfg.clone()
+        },
+    ] {
+        let e = edge_outbox::Relay::new(db.clone(), changed)
+            .err()
+            .expect("refused");
+        let text = e.to_string();
+        assert!(text.contains("holds events written for topic"), "{text}");
+        assert!(text.contains("items"), "names the stream: {text}");
+    }
+    edge_outbox::Relay::new(db.clone(), cfg).expect("the settings they were written with");
 }

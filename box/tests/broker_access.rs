@@ -214,7 +214,7 @@ fn strangers_and_other_services_cannot_forge_skip_or_delete_and_real_events_stil
         // A retained replay request: the whole history again at every connect.
         (format!("{P}/replay/{USER_SERVICE}/{TRANSACTION_SERVICE}"), r#"{"consumer":"transaction-service","stream":"users","from_seq":1}"#.to_owned(), true),
     ];
-    let observer = Observer::start(&broker, &access);
+    let observer = Subscriber::observer(&broker, &access);
     for (topic, payload, retain) in &attacks {
         assert!(
             !broker.publish(None, topic, payload, *retain),
@@ -238,13 +238,37 @@ fn strangers_and_other_services_cannot_forge_skip_or_delete_and_real_events_stil
         // mosquitto_pub succeeds: MQTT 3.1.1 gets a PUBACK even for a denied publish.
         assert!(broker.publish(Some((impostor, &access)), topic, payload, *retain));
     }
-    // The observer reads everything, and may publish nothing.
+    // The observer reads events and heads, and may publish nothing: not even on the
+    // topics the %u patterns would grant any user (a retained position report of its
+    // own would hold back user-service's retention forever). user-service watches the
+    // ones addressed to it.
+    let observer_topics = [
+        format!("{P}/events/{OBSERVER}/users"),
+        format!("{P}/heads/{OBSERVER}"),
+        format!("{P}/replay/{USER_SERVICE}/{OBSERVER}"),
+        format!("{P}/positions/{USER_SERVICE}/{OBSERVER}"),
+    ];
+    let addressed = Subscriber::start(
+        &broker,
+        &access,
+        USER_SERVICE,
+        &[
+            format!("{P}/events/{OBSERVER}/+"),
+            format!("{P}/heads/{OBSERVER}"),
+            format!("{P}/replay/{USER_SERVICE}/+"),
+            format!("{P}/positions/{USER_SERVICE}/+"),
+            format!("{P}/events/{USER_SERVICE}/_probe"),
+        ],
+    );
     broker.publish(
         Some((OBSERVER, &access)),
         &attacks[2].0,
         "observer-was-here",
         false,
     );
+    for t in &observer_topics {
+        broker.publish(Some((OBSERVER, &access)), t, "observer-was-here", true);
+    }
     // A sentinel on user-service's own probe topic, published after every attack: once
     // the observer has it, the broker (one thread, in order) has delivered whatever it
     // let through before it.
@@ -263,6 +287,14 @@ fn strangers_and_other_services_cannot_forge_skip_or_delete_and_real_events_stil
     assert!(
         !seen.contains("observer-was-here"),
         "the observer may not publish: {seen}"
+    );
+    wait_until("user-service receives the sentinel", 10, || {
+        addressed.seen().contains("sentinel")
+    });
+    let addressed_seen = addressed.seen();
+    assert!(
+        !addressed_seen.contains("observer-was-here"),
+        "the observer published where the %u patterns would let any user: {addressed_seen}"
     );
 
     // Real events still arrive, none skipped: each new user gets its credit, and
@@ -301,39 +333,51 @@ fn strangers_and_other_services_cannot_forge_skip_or_delete_and_real_events_stil
     );
 }
 
-/// Everything the observer receives under the prefix, printed by mosquitto_sub -v.
-struct Observer {
+/// Everything one account receives on some topics, printed by mosquitto_sub -v.
+struct Subscriber {
     child: Child,
     out: PathBuf,
     _cfg: tempfile::TempDir,
 }
 
-impl Observer {
-    fn start(broker: &ShippedBroker, access: &BrokerAccess) -> Observer {
+impl Subscriber {
+    /// The observer on everything under the prefix.
+    fn observer(broker: &ShippedBroker, access: &BrokerAccess) -> Subscriber {
+        Subscriber::start(broker, access, OBSERVER, &[format!("{P}/#")])
+    }
+
+    /// `account` subscribed to `topics` and to user-service's retained head
+    /// announcement, whose arrival shows that it is subscribed.
+    fn start(
+        broker: &ShippedBroker,
+        access: &BrokerAccess,
+        account: &str,
+        topics: &[String],
+    ) -> Subscriber {
         let cfg = tempfile::tempdir().unwrap();
-        let pw = std::fs::read_to_string(access.password_file(OBSERVER)).unwrap();
+        let pw = std::fs::read_to_string(access.password_file(account)).unwrap();
         std::fs::write(
             cfg.path().join("mosquitto_sub"),
-            format!("-u {OBSERVER}\n-P {}\n", pw.trim()),
+            format!("-u {account}\n-P {}\n", pw.trim()),
         )
         .unwrap();
-        let out = broker.dir.join("observer.txt");
-        let child = Command::new("mosquitto_sub")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &broker.port.to_string(),
-                "-v",
-                "-t",
-                &format!("{P}/#"),
-            ])
+        let out = broker.dir.join(format!("{account}-{}.txt", free_port()));
+        let mut cmd = Command::new("mosquitto_sub");
+        cmd.args(["-h", "127.0.0.1", "-p", &broker.port.to_string(), "-v"]);
+        for t in topics
+            .iter()
+            .cloned()
+            .chain([format!("{P}/heads/{USER_SERVICE}")])
+        {
+            cmd.args(["-t", &t]);
+        }
+        let child = cmd
             .env("XDG_CONFIG_HOME", cfg.path())
             .stdout(std::fs::File::create(&out).unwrap())
             .stderr(Stdio::null())
             .spawn()
             .expect("mosquitto_sub (package mosquitto-clients)");
-        let o = Observer {
+        let o = Subscriber {
             child,
             out,
             _cfg: cfg,
@@ -350,7 +394,7 @@ impl Observer {
     }
 }
 
-impl Drop for Observer {
+impl Drop for Subscriber {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -420,5 +464,40 @@ fn a_service_the_acl_silences_is_reported_unhealthy_and_delivers_everything_once
     assert_eq!(
         st["consumer"]["streams"]["user-service/users"]["position"], 3,
         "{st}"
+    );
+}
+
+#[test]
+fn a_service_whose_password_the_broker_refuses_is_reported_unhealthy() {
+    let dir = tempfile::tempdir().unwrap();
+    let access = broker_access::ensure(&dir.path().join("mqtt"), P).unwrap();
+    let broker = ShippedBroker::start(dir.path(), &access);
+    let wrong = dir.path().join("wrong.password");
+    std::fs::write(&wrong, "not-the-password\n").unwrap();
+    let users = Service::start_with(
+        USER_SERVICE,
+        env!("CARGO_BIN_EXE_user-service"),
+        dir.path(),
+        &broker.url(),
+        |cmd| {
+            cmd.env("MQTT_USERNAME", USER_SERVICE)
+                .env("MQTT_PASSWORD_FILE", &wrong)
+                .env_remove("TOPIC_PREFIX");
+        },
+    );
+    wait_until("user-service reports the refused connection", 15, || {
+        users.get("/healthz").0 == 503
+    });
+    let (_, health) = users.get("/healthz");
+    assert!(
+        health["reason"]
+            .as_str()
+            .unwrap()
+            .contains("refuses this service's connection"),
+        "{health}"
+    );
+    assert!(
+        !users.log().contains("not-the-password"),
+        "the password is never logged"
     );
 }

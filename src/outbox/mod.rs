@@ -407,6 +407,39 @@ pub fn prune(
     Ok(n)
 }
 
+/// A stream whose outbox rows were written for another topic than `topics` and
+/// `source` give now (the producer's `--source` or `--topic-prefix` changed while it
+/// held events): `(stream, stored topic, expected topic)`. Checks each stream's first
+/// and last row, two index lookups per stream.
+pub fn foreign_topic(
+    conn: &Connection,
+    topics: &Topics,
+    source: &str,
+) -> Result<Option<(String, String, String)>, DbError> {
+    let mut streams = conn.prepare("SELECT stream FROM outbox_streams ORDER BY stream")?;
+    let streams = streams
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<Result<Vec<_>, _>>()?;
+    for stream in streams {
+        let expected = topics.events(source, &stream);
+        for order in ["ASC", "DESC"] {
+            let stored: Option<String> = conn
+                .query_row(
+                    &format!(
+                        "SELECT topic FROM outbox WHERE stream = ?1 ORDER BY seq {order} LIMIT 1"
+                    ),
+                    [&stream],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(stored) = stored.filter(|t| *t != expected) {
+                return Ok(Some((stream, stored, expected)));
+            }
+        }
+    }
+    Ok(None)
+}
+
 /// Counts for status pages.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct OutboxStats {

@@ -87,6 +87,20 @@ pub enum RelayError {
     #[error("relay cannot open the database: {0}")]
     /// The database could not be read.
     Db(#[from] DbError),
+    /// The outbox holds events written under other settings.
+    #[error(
+        "the outbox's stream {stream:?} holds events written for topic {stored:?}, but --source and \
+         --topic-prefix now give {expected:?}: start with the settings they were written with \
+         (a producer's name and prefix cannot change while it holds events)"
+    )]
+    ForeignTopics {
+        /// The stream.
+        stream: String,
+        /// A topic its rows were written for.
+        stored: String,
+        /// The topic the current settings give.
+        expected: String,
+    },
 }
 
 /// What the relay is doing, for status pages. Cheap to read at any time.
@@ -97,6 +111,8 @@ pub struct RelayStatus {
     replays_served: AtomicU64,
     publish_refused: Mutex<Option<String>>,
     connection_error: Mutex<Option<String>>,
+    /// The broker answered CONNECT with a refusal (bad credentials, not authorised).
+    connect_refused: AtomicBool,
 }
 
 impl RelayStatus {
@@ -128,6 +144,11 @@ impl RelayStatus {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+    /// True while the broker refuses this service's CONNECT (wrong username or
+    /// password, not authorised): a setting to fix, not an outage to wait out.
+    pub fn connect_refused(&self) -> bool {
+        self.connect_refused.load(Ordering::Relaxed)
     }
     fn set_connection_error(&self, why: Option<String>) {
         *self
@@ -311,10 +332,25 @@ async fn maybe<T>(slot: &mut Option<BoxFuture<T>>) -> T {
 
 impl Relay {
     /// A relay for `db`, publishing as `config.source`.
+    /// Refuses to start when the outbox holds events written for another `--source`
+    /// or `--topic-prefix`: published on the old topics, they would be dropped by the
+    /// broker's ACL (or reach nobody), while the probe on the new topics looks healthy.
     pub fn new(db: Database, config: Config) -> Result<Relay, RelayError> {
         config.validate()?;
+        let topics = Topics::new(&config.topic_prefix);
+        let conn = db.reader()?;
+        if let Some((stream, stored, expected)) =
+            outbox::foreign_topic(&conn, &topics, &config.source)?
+        {
+            return Err(RelayError::ForeignTopics {
+                stream,
+                stored,
+                expected,
+            });
+        }
+        drop(conn);
         Ok(Relay {
-            topics: Topics::new(&config.topic_prefix),
+            topics,
             db,
             config,
             status: Arc::new(RelayStatus::default()),
@@ -439,6 +475,7 @@ impl Relay {
                         st.connected = true;
                         self.status.connected.store(true, Ordering::Relaxed);
                         self.status.set_connection_error(None);
+                        self.status.connect_refused.store(false, Ordering::Relaxed);
                         backoff.reset();
                         conn_log.reset();
                         st.rewind();
@@ -478,6 +515,8 @@ impl Relay {
                         probe.connection_lost();
                         self.status.connected.store(false, Ordering::Relaxed);
                         let why = connection_error_text(&e);
+                        let refused = matches!(e, rumqttc::ConnectionError::ConnectionRefused(_));
+                        self.status.connect_refused.store(refused, Ordering::Relaxed);
                         self.status.set_connection_error(Some(why.clone()));
                         if let Some(suppressed) = conn_log.allow() {
                             tracing::warn!(error = %why, was_connected, suppressed, "relay: broker connection failed; rows stay pending and are re-published after reconnecting");

@@ -23,13 +23,23 @@ pub fn routes() -> Router<AppState> {
 
 /// 200 `{"status":"ok"}` when the database answers and the broker delivers what this
 /// service publishes; 503 `{"status":"degraded","reason":...}` when the relay's probe
-/// finds that the broker drops its publishes (an ACL that denies them).
+/// finds that the broker drops its publishes (an ACL that denies them) or the broker
+/// refuses its credentials. A broker that is merely down is not "degraded": writes go
+/// on, offline first.
 async fn healthz(State(state): State<AppState>) -> Result<(StatusCode, Json<Value>), ApiError> {
     state
         .db
         .read(|c| Ok(c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?))
         .await?;
-    Ok(match state.relay.publish_refused() {
+    let refused = state.relay.publish_refused().or_else(|| {
+        state.relay.connect_refused().then(|| {
+            format!(
+                "the broker refuses this service's connection: {} (check --mqtt-username and its password)",
+                state.relay.connection_error().unwrap_or_default()
+            )
+        })
+    });
+    Ok(match refused {
         None => (StatusCode::OK, Json(json!({ "status": "ok" }))),
         Some(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -74,10 +74,14 @@ impl Service {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Waits until /healthz answers 200, for at most 20 s.
+    /// Waits until /healthz answers (200, or 503 from a service that says why it is
+    /// degraded), for at most 20 s.
     pub fn wait_healthy(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while ureq::get(&format!("{}/healthz", self.base)).call().is_err() {
+        while !matches!(
+            ureq::get(&format!("{}/healthz", self.base)).call(),
+            Ok(_) | Err(ureq::Error::Status(..))
+        ) {
             if let Some(status) = self.child.try_wait().unwrap() {
                 panic!(
                     "{} exited with {status}: {}",
