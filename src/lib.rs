@@ -117,7 +117,7 @@ mod mqtt;
 pub mod outbox;
 pub mod protocol;
 pub mod relay;
-mod retry;
+pub mod retry;
 pub mod storage;
 mod tls;
 

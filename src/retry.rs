@@ -46,6 +46,7 @@ pub struct LogLimiter {
 }
 
 impl LogLimiter {
+    /// Lets one occurrence through per `every`.
     pub fn new(every: Duration) -> LogLimiter {
         LogLimiter {
             every,

@@ -157,12 +157,21 @@ async fn retained_and_repeated_replay_requests_cannot_replay_the_history_again_a
         relay_status.replays_served() == 1
     })
     .await;
-    let replayed = count(
-        &p.producer_path(),
-        "SELECT COUNT(*) FROM outbox WHERE replayed = 1",
-    );
+    // Rows are set back to pending by a write queued after the request is accepted;
+    // the writer runs writes in order, so the sentinel's comes after any earlier one.
+    let replayed = || {
+        count(
+            &p.producer_path(),
+            "SELECT COUNT(*) FROM outbox WHERE replayed = 1",
+        )
+    };
+    wait_for("the sentinel's row set back to pending", 20, || {
+        replayed() >= 1
+    })
+    .await;
     assert_eq!(
-        replayed, 1,
+        replayed(),
+        1,
         "the retained request was ignored, the sentinel served"
     );
     wait_for("the sentinel drained", 20, || {

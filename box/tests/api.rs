@@ -60,6 +60,9 @@ fn api_at(
     let args = ServiceArgs {
         db_path: path.clone(),
         listen: "127.0.0.1:0".parse().unwrap(),
+        http_header_timeout_ms: 10_000,
+        http_body_timeout_ms: 10_000,
+        http_connections_max: 16,
         outbox: cfg.clone(),
     };
     let db = service::open_database(&args, schema).unwrap();

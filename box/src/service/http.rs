@@ -198,23 +198,39 @@ where
                 "send the body as JSON with Content-Type: application/json",
             ));
         }
-        let body = axum::body::Bytes::from_request(req, state)
-            .await
-            .map_err(|e| {
-                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    ApiError::new(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "body_too_large",
-                        format!("the body exceeds {BODY_MAX_BYTES} bytes"),
-                    )
-                } else {
-                    ApiError::new(
-                        StatusCode::BAD_REQUEST,
-                        "malformed_json",
-                        format!("the body could not be read: {}", e.body_text()),
-                    )
-                }
-            })?;
+        let limit = req
+            .extensions()
+            .get::<super::server::HttpLimits>()
+            .map(|l| l.body_timeout);
+        let read = axum::body::Bytes::from_request(req, state);
+        let read = match limit {
+            Some(limit) => tokio::time::timeout(limit, read).await.map_err(|_| {
+                ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    format!(
+                        "the body did not arrive within {} ms (--http-body-timeout-ms)",
+                        limit.as_millis()
+                    ),
+                )
+            })?,
+            None => read.await,
+        };
+        let body = read.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    format!("the body exceeds {BODY_MAX_BYTES} bytes"),
+                )
+            } else {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "malformed_json",
+                    format!("the body could not be read: {}", e.body_text()),
+                )
+            }
+        })?;
         parse_json_object(&body).map(AppJson)
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod http;
 pub mod idempotency;
+pub mod server;
 pub mod status;
 
 pub use http::AppState;
@@ -48,8 +49,49 @@ pub struct ServiceArgs {
     #[arg(long, env = "LISTEN_ADDR")]
     pub listen: SocketAddr,
 
+    /// Time a client has to send a request's headers, and that an idle keep-alive
+    /// connection may wait for its next request; then the connection is closed.
+    #[arg(long, env = "HTTP_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
+    pub http_header_timeout_ms: u64,
+
+    /// Time a client has to send a request's body (at most 64 KiB); then 408.
+    #[arg(long, env = "HTTP_BODY_TIMEOUT_MS", default_value_t = 10_000)]
+    pub http_body_timeout_ms: u64,
+
+    /// HTTP connections served at once; more wait in the kernel's accept queue.
+    #[arg(long, env = "HTTP_CONNECTIONS_MAX", default_value_t = 512)]
+    pub http_connections_max: usize,
+
     #[command(flatten)]
     pub outbox: Config,
+}
+
+impl ServiceArgs {
+    /// The HTTP limits, checked: each must be positive and sensible.
+    pub fn http_limits(&self) -> anyhow::Result<server::HttpLimits> {
+        for (flag, v, max) in [
+            (
+                "http-header-timeout-ms",
+                self.http_header_timeout_ms,
+                3_600_000,
+            ),
+            ("http-body-timeout-ms", self.http_body_timeout_ms, 3_600_000),
+            (
+                "http-connections-max",
+                self.http_connections_max as u64,
+                100_000,
+            ),
+        ] {
+            if v == 0 || v > max {
+                anyhow::bail!("invalid setting --{flag}: must be between 1 and {max}");
+            }
+        }
+        Ok(server::HttpLimits {
+            header_timeout: Duration::from_millis(self.http_header_timeout_ms),
+            body_timeout: Duration::from_millis(self.http_body_timeout_ms),
+            connections_max: self.http_connections_max,
+        })
+    }
 }
 
 /// Parses the command line of `C`, first giving the named arguments the defaults of
@@ -211,9 +253,14 @@ pub async fn run(spec: Spec, args: ServiceArgs, shutdown: CancellationToken) -> 
         cfg.clone(),
         shutdown.child_token(),
     ));
-    let served = axum::serve(listener, app(spec.routes, state))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await;
+    server::serve(
+        listener,
+        app(spec.routes, state),
+        args.http_limits()?,
+        shutdown.clone(),
+        Config::ms(cfg.shutdown_timeout_ms),
+    )
+    .await;
     shutdown.cancel();
     let grace = Config::ms(cfg.shutdown_timeout_ms) + Duration::from_secs(1);
     let (relay_result, consumer_result, _) = tokio::join!(
@@ -221,7 +268,6 @@ pub async fn run(spec: Spec, args: ServiceArgs, shutdown: CancellationToken) -> 
         tokio::time::timeout(grace, consumer_task),
         maintenance
     );
-    served.context("HTTP server failed")?;
     for (what, result) in [("relay", relay_result), ("consumer", consumer_result)] {
         match result {
             Ok(Ok(Ok(()))) => {}
