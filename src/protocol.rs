@@ -214,9 +214,9 @@ impl HeadAnnouncement {
         }
         for (stream, h) in &self.streams {
             validate_name(stream)?;
-            if h.head > SEQ_MAX || h.first == 0 || h.first > h.head.saturating_add(1) {
+            if h.head >= SEQ_MAX || h.first == 0 || h.first > h.head + 1 {
                 return Err(format!(
-                    "stream {stream:?}: head {} and first {} are not 0 <= first - 1 <= head <= {SEQ_MAX}",
+                    "stream {stream:?}: head {} and first {} are not 0 <= first - 1 <= head < {SEQ_MAX}",
                     h.head, h.first
                 ));
             }
@@ -258,12 +258,6 @@ pub struct PositionReport {
     pub consumer: String,
     /// Stream name -> last sequence number applied.
     pub positions: BTreeMap<String, u64>,
-    /// When the consumer made the report, in ms since the Unix epoch. A producer takes
-    /// the report's age from it, not from its arrival, so that a retained report of a
-    /// consumer that is gone expires (`--consumer-expiry-ms`) instead of being renewed
-    /// at every reconnect. Absent in reports of earlier releases.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub at_ms: Option<u64>,
 }
 
 impl PositionReport {

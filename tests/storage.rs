@@ -279,7 +279,7 @@ fn retention_deletes_only_old_published_rows_that_every_known_consumer_applied()
     };
     // A consumer that reported position 3 holds back rows 4 and 5.
     db.writer()
-        .write_blocking(|tx| outbox::record_position(tx, "c1", "s", 3, None))
+        .write_blocking(|tx| outbox::record_position(tx, "c1", "s", 3))
         .unwrap();
     assert_eq!(prune(100), 3);
     let left = |c: &rusqlite::Connection| -> String {

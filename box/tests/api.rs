@@ -778,7 +778,14 @@ async fn repeated_idempotency_keys_and_non_canonical_ids_are_refused() {
         "{err}"
     );
     assert_eq!(users.rows("users"), 1, "nothing written");
-    for alias in ["/users/+1", "/users/01", "/users/001"] {
+    for alias in [
+        "/users/+1",
+        "/users/01",
+        "/users/001",
+        "/users/%2B1",
+        "/users/%301",
+        "/users/-0",
+    ] {
         let (status, err) = users.call("GET", alias, None, &[]).await;
         assert_eq!(
             (status, err["error"].as_str()),

@@ -205,3 +205,40 @@ fn connections_beyond_the_cap_wait_until_one_is_free() {
         "served once a slot was free: {answer:?}"
     );
 }
+
+#[test]
+fn a_client_that_never_reads_its_answers_loses_its_connection_and_its_slot() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let users = user_service(dir.path(), &broker, &["--http-connections-max", "1"]);
+    for i in 0..400 {
+        let (status, _) = users.post(
+            "/users",
+            serde_json::json!({"name": format!("U{i}"), "email": format!("u{i}@example.com")}),
+            None,
+        );
+        assert_eq!(status, 201);
+    }
+    // Pipelined requests for large pages (about 150 KB each), never read: the answers
+    // fill both sockets' buffers and the server's write stalls.
+    let mut greedy = connect(&users);
+    let request = b"GET /outbox/events?limit=500 HTTP/1.1\r\nHost: x\r\n\r\n";
+    for _ in 0..200 {
+        if greedy.write_all(request).is_err() {
+            break;
+        }
+    }
+    // The only slot is the greedy client's until its stalled write times out (500 ms).
+    let started = Instant::now();
+    let mut next = connect(&users);
+    next.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let (answer, _) = read_to_close(&mut next);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the slot was held {:?} by a client that does not read",
+        started.elapsed()
+    );
+    drop(greedy);
+}

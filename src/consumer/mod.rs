@@ -615,7 +615,6 @@ impl Processor<'_> {
             let report = PositionReport {
                 consumer: self.consumer.name().to_owned(),
                 positions,
-                at_ms: Some(crate::clock::now_ms().max(0) as u64),
             };
             let payload = serde_json::to_vec(&report).expect("position reports serialise");
             let topic = self

@@ -341,35 +341,28 @@ pub fn heads(conn: &Connection) -> Result<BTreeMap<String, StreamHead>, DbError>
 }
 
 /// Records what a consumer reported it has applied, as retention must see it: only for
-/// a stream this producer has, never beyond the stream's last sequence number, and
-/// never backwards (a report cannot make retention keep less than an earlier one
-/// allowed, nor more than was ever written). `reported_at_ms` is the report's own time
-/// (capped at now); a report without one renews nothing, so a retained report of a
-/// consumer that is gone still expires. Returns false when the stream is unknown.
+/// a stream this producer has, and never beyond the stream's last sequence number. A
+/// position may move back: a consumer whose database was restored must win back the
+/// rows it lacks again. Returns false when the stream is unknown.
 pub fn record_position(
     tx: &Transaction,
     consumer: &str,
     stream: &str,
     position: u64,
-    reported_at_ms: Option<i64>,
 ) -> Result<bool, DbError> {
-    let now = now_ms();
     let n = tx
         .prepare_cached(
             "INSERT INTO consumer_positions (consumer, stream, position, reported_at_ms)
-             SELECT ?1, s.stream, MIN(?3, s.last_seq), MIN(COALESCE(?4, ?5), ?5)
+             SELECT ?1, s.stream, MIN(?3, s.last_seq), ?4
              FROM outbox_streams s WHERE s.stream = ?2
              ON CONFLICT (consumer, stream) DO UPDATE SET
-                 position = MAX(position, excluded.position),
-                 reported_at_ms = CASE WHEN ?4 IS NULL THEN reported_at_ms
-                                       ELSE MAX(reported_at_ms, excluded.reported_at_ms) END",
+                 position = excluded.position, reported_at_ms = excluded.reported_at_ms",
         )?
         .execute(params![
             consumer,
             stream,
             position.min(protocol::SEQ_MAX) as i64,
-            reported_at_ms,
-            now
+            now_ms()
         ])?;
     Ok(n > 0)
 }

@@ -218,8 +218,9 @@ struct State {
     connected: bool,
     last_data_version: Option<i64>,
     last_replay: HashMap<String, Instant>,
-    /// Streams being replayed, and from which sequence: a request that this covers is
-    /// a no-op. Forgotten once the relay has nothing left to publish.
+    /// Streams whose replay reset is still being written, and from which sequence: a
+    /// request that this covers is a no-op. Forgotten when the reset is done, so that a
+    /// replay whose events are lost again can be asked for again.
     replaying: HashMap<String, u64>,
     /// Replay requests served per consumer in the current window: (window start, count).
     replays_by_consumer: HashMap<String, (Instant, u32)>,
@@ -289,11 +290,6 @@ impl State {
     fn mark_due(&self, stopping: bool) -> bool {
         !self.acked.is_empty()
             && (self.acked.len() >= MARK_BATCH_MIN || self.correlator.is_empty() || stopping)
-    }
-
-    /// Nothing is left to publish: no pending rows known, none buffered or in flight.
-    fn idle(&self) -> bool {
-        !self.maybe_more && self.buffer.is_empty() && self.correlator.is_empty()
     }
 
     /// The connection is gone: rows waiting for a PUBACK will be published again.
@@ -420,9 +416,6 @@ impl Relay {
             if st.connected && drain_deadline.is_none() {
                 self.publish_buffered(&client, &mut st, window);
             }
-            if !st.replaying.is_empty() && st.idle() {
-                st.replaying.clear(); // every replayed row has gone out
-            }
             if drain_deadline.is_none()
                 && st.connected
                 && fetch.is_none()
@@ -505,7 +498,7 @@ impl Relay {
                         } else if let Some(consumer) = p.topic.strip_prefix(replay_prefix.as_str()) {
                             self.on_replay_request(consumer, p.retain, &p.payload, &mut st, &side_tx);
                         } else if let Some(consumer) = p.topic.strip_prefix(positions_prefix.as_str()) {
-                            self.on_position_report(consumer, &p.payload, &side_tx);
+                            self.on_position_report(consumer, p.retain, &p.payload, &side_tx);
                         }
                     }
                     Ok(_) => {}
@@ -598,6 +591,7 @@ impl Relay {
                         st.correlator.queued(None);
                         if client.try_publish(probe_topic.clone(), QoS::AtLeastOnce, false, payload).is_err() {
                             st.correlator.unqueue_last();
+                            probe.connection_lost(); // never sent: nothing to wait for
                         }
                     }
                     let tx = side_tx.clone();
@@ -632,6 +626,7 @@ impl Relay {
                         }
                     }
                     Side::Replayed { stream, from_seq, result: Ok(rows) } => {
+                        st.replaying.remove(&stream);
                         tracing::info!(stream = %stream, from_seq, rows, "replay: rows set back to pending");
                         if rows > 0 {
                             st.rewind();
@@ -643,7 +638,13 @@ impl Relay {
                         }
                     }
                     Side::Recorded(Ok(())) => {}
-                    Side::DataVersion(Err(e)) | Side::Heads(Err(e)) | Side::Replayed { result: Err(e), .. }
+                    Side::Replayed { stream, result: Err(e), .. } => {
+                        st.replaying.remove(&stream);
+                        if let Some(suppressed) = db_log.allow() {
+                            tracing::error!(error = %e, suppressed, "relay could not set rows back to pending for a replay");
+                        }
+                    }
+                    Side::DataVersion(Err(e)) | Side::Heads(Err(e))
                     | Side::Pruned(Err(e)) | Side::Recorded(Err(e)) => {
                         if let Some(suppressed) = db_log.allow() {
                             tracing::error!(error = %e, suppressed, "relay database task failed");
@@ -807,7 +808,20 @@ impl Relay {
         });
     }
 
-    fn on_position_report(&self, consumer: &str, payload: &[u8], side: &mpsc::Sender<Side>) {
+    fn on_position_report(
+        &self,
+        consumer: &str,
+        retained: bool,
+        payload: &[u8],
+        side: &mpsc::Sender<Side>,
+    ) {
+        if retained {
+            // Delivered because this relay just subscribed: it may be the last word of a
+            // consumer that is gone, and taking it would keep that consumer alive (and
+            // retention held back) at every reconnect. Live consumers report again soon.
+            tracing::debug!(consumer = %truncated(consumer, 64), "ignoring a retained position report");
+            return;
+        }
         let report: PositionReport = match protocol::parse_control(payload) {
             Ok(r) => r,
             Err(e) => {
@@ -826,13 +840,12 @@ impl Relay {
             );
             return;
         }
-        let at_ms = report.at_ms.map(|t| t.min(protocol::SEQ_MAX) as i64);
         let (writer, tx) = (self.db.writer().clone(), side.clone());
         tokio::spawn(async move {
             let result = writer
                 .write(move |t| {
                     for (stream, position) in &report.positions {
-                        outbox::record_position(t, &report.consumer, stream, *position, at_ms)?;
+                        outbox::record_position(t, &report.consumer, stream, *position)?;
                     }
                     Ok(())
                 })

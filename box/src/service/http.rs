@@ -341,23 +341,21 @@ where
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        // One spelling per id: "1", never "+1" or "01", which would alias user 1.
-        let canonical = parts
-            .uri
-            .path()
-            .split('/')
-            .filter(|seg| {
-                seg.bytes()
-                    .next()
-                    .is_some_and(|b| b.is_ascii_digit() || b == b'+' || b == b'-')
-            })
-            .all(|seg| seg.parse::<i64>().is_ok_and(|n| n.to_string() == seg));
-        if !canonical {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_path",
-                "ids in paths are written in decimal without sign or leading zeros (e.g. /users/1)",
-            ));
+        // One spelling per id: "1", never "+1", "01" or "%2B1", which would alias user 1.
+        // Checked on the decoded values, as the typed extractor will parse them.
+        let raw = axum::extract::RawPathParams::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_path", e.body_text()))?;
+        for (_, value) in raw.iter() {
+            if let Ok(n) = value.parse::<i64>() {
+                if n.to_string() != value {
+                    return Err(ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_path",
+                        format!("{value:?}: ids in paths are written in decimal without a plus sign or leading zeros (e.g. /users/1)"),
+                    ));
+                }
+            }
         }
         axum::extract::Path::<T>::from_request_parts(parts, state)
             .await

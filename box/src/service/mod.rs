@@ -207,13 +207,24 @@ async fn shutdown_on_signal(shutdown: CancellationToken) {
 pub async fn run(spec: Spec, args: ServiceArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let cfg = args.outbox.clone();
     cfg.validate()?;
+    let http_limits = args.http_limits()?;
     if !args.listen.ip().is_loopback() {
         tracing::warn!(listen = %args.listen, "listening beyond loopback: the API has no authentication");
     }
     if cfg.db_synchronous != edge_outbox::Synchronous::Full {
         tracing::warn!(db_synchronous = %cfg.db_synchronous, "--db-synchronous is not full: commits acknowledged to clients can be lost in a power cut (for benchmarks only)");
     }
+    let broker = cfg.broker()?;
+    let loopback = broker.host == "localhost"
+        || broker
+            .host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
     match &cfg.mqtt_username {
+        Some(_) if !broker.tls && !loopback => tracing::warn!(
+            broker = %cfg.broker_url,
+            "sending the MQTT password in clear text to a broker beyond this machine: use mqtts://"
+        ),
         Some(user) => tracing::info!(username = %user, "connecting to the broker with a username and password"),
         None => tracing::warn!("no MQTT credentials (--mqtt-username): connecting anonymously, which only a broker that admits anyone accepts"),
     }
@@ -256,7 +267,7 @@ pub async fn run(spec: Spec, args: ServiceArgs, shutdown: CancellationToken) -> 
     server::serve(
         listener,
         app(spec.routes, state),
-        args.http_limits()?,
+        http_limits,
         shutdown.clone(),
         Config::ms(cfg.shutdown_timeout_ms),
     )
