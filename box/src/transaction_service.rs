@@ -57,6 +57,7 @@ pub fn spec(users_source: &str, outbox: Outbox, welcome_credit_cents: i64) -> Sp
         handlers: Handlers::new().on(USER_CREATED, move |tx, event| {
             apply_user_created(tx, event, &outbox, welcome_credit_cents)
         }),
+        prepare: None,
     }
 }
 

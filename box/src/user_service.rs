@@ -24,12 +24,53 @@ use crate::service::{AppState, Spec};
 
 pub const SCHEMA: Schema = Schema {
     component: "user_service",
-    migrations: &[Migration {
-        version: 1,
-        name: "0001_users.sql",
-        sql: include_str!("../schema/user-service/0001_users.sql"),
-    }],
+    migrations: &[
+        Migration {
+            version: 1,
+            name: "0001_users.sql",
+            sql: include_str!("../schema/user-service/0001_users.sql"),
+        },
+        Migration {
+            version: 2,
+            name: "0002_email_key.sql",
+            sql: include_str!("../schema/user-service/0002_email_key.sql"),
+        },
+    ],
 };
+
+/// The key under which an email is unique: NFC, Unicode case folding, NFC again (so
+/// that "émile@…" typed with a combining accent and "ÉMILE@…" are one address).
+pub fn email_key(email: &str) -> String {
+    use unicode_normalization::UnicodeNormalization;
+    let nfc: String = email.nfc().collect();
+    caseless::default_case_fold_str(&nfc).nfc().collect()
+}
+
+/// Gives every user written before schema version 2 its `email_key`. Two old users
+/// whose emails fold to one key keep their rows; the later one gets no key (it can
+/// then not be matched by a new signup either way) and is logged. Returns how many
+/// rows got a key.
+pub fn backfill_email_keys(tx: &rusqlite::Transaction) -> rusqlite::Result<usize> {
+    let rows: Vec<(i64, String)> = tx
+        .prepare("SELECT id, email FROM users WHERE email_key IS NULL ORDER BY id")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut set = 0;
+    for (id, email) in rows {
+        let key = email_key(&email);
+        match tx.execute(
+            "UPDATE users SET email_key = ?2 WHERE id = ?1",
+            params![id, key],
+        ) {
+            Ok(_) => set += 1,
+            Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation) => {
+                tracing::warn!(user_id = id, "an older user's email equals another's after Unicode case folding; left without an email key")
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(set)
+}
 
 /// Longest name, in characters, after trimming.
 pub const NAME_MAX_CHARS: usize = 100;
@@ -47,6 +88,7 @@ pub fn spec(transactions_source: &str) -> Spec {
             stream: TRANSACTIONS_STREAM.to_owned(),
         }],
         handlers: Handlers::new().on(TRANSACTION_CREATED, apply_transaction),
+        prepare: Some(backfill_email_keys),
     }
 }
 
@@ -105,7 +147,8 @@ pub fn validate(input: &NewUser) -> Result<(String, String), ApiError> {
             "email must look like name@example.com",
         ));
     }
-    Ok((name.to_owned(), email.to_owned()))
+    use unicode_normalization::UnicodeNormalization;
+    Ok((name.to_owned(), email.nfc().collect()))
 }
 
 /// A character that shows: not whitespace, not a control character, not one of the
@@ -148,8 +191,8 @@ async fn create_user(
     let (status, body) = idempotency::write_once(&state.db, key, request, move |tx| {
         let created_at = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
         let inserted = tx
-            .prepare_cached("INSERT INTO users (name, email, balance_cents, created_at) VALUES (?1, ?2, 0, ?3)")?
-            .execute(params![name, email, created_at]);
+            .prepare_cached("INSERT INTO users (name, email, email_key, balance_cents, created_at) VALUES (?1, ?2, ?3, 0, ?4)")?
+            .execute(params![name, email, email_key(&email), created_at]);
         if let Err(e) = inserted {
             if e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation) {
                 return Err(ApiError::new(StatusCode::CONFLICT, "duplicate_email", format!("a user with email {email:?} already exists")).with_field("email"));

@@ -19,11 +19,12 @@ use edge_outbox::storage::Schema;
 use edge_outbox::{Config, Outbox};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
-use support::{config, count};
+use support::{config, count, inspect};
 use tower::ServiceExt;
 
 struct Api {
     app: Router,
+    db: edge_outbox::Database,
     path: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -73,7 +74,8 @@ fn api_at(
         consumer: Arc::new(ConsumerStatus::default()),
     };
     Api {
-        app: service::app(routes, state),
+        app: service::app(routes, state.clone()),
+        db: state.db,
         path,
         _dir: dir,
     }
@@ -797,4 +799,44 @@ async fn repeated_idempotency_keys_and_non_canonical_ids_are_refused() {
         users.call("GET", "/users/1", None, &[]).await.0,
         StatusCode::OK
     );
+}
+
+/// Regression test for issue 16, finding 7.
+#[tokio::test]
+async fn emails_are_unique_after_unicode_case_folding_and_normalisation() {
+    let users = users_api();
+    users.create_user("Émile", "émile@example.com").await;
+    for same in [
+        "ÉMILE@EXAMPLE.COM",
+        "e\u{301}mile@example.com", // the accent as a combining character (NFD)
+        "E\u{301}MILE@example.com",
+    ] {
+        let body = serde_json::json!({ "name": "Again", "email": same }).to_string();
+        let (status, err) = users.post("/users", &body).await;
+        assert_eq!(
+            (status, err["error"].as_str()),
+            (StatusCode::CONFLICT, Some("duplicate_email")),
+            "{same:?}: {err}"
+        );
+    }
+    assert_eq!(users.rows("users"), 1);
+
+    // A user written before schema version 2 has no key until the service's start
+    // computes it; then a folded variant of it is refused too.
+    inspect(&users.path)
+        .execute(
+            "INSERT INTO users (name, email, balance_cents, created_at) VALUES ('Old', 'straße@example.com', 0, 'x')",
+            [],
+        )
+        .unwrap();
+    let keyed = users
+        .db
+        .writer()
+        .write(|tx| user_service::backfill_email_keys(tx).map_err(edge_outbox::DbError::from))
+        .await
+        .unwrap();
+    assert_eq!(keyed, 1);
+    let body = serde_json::json!({ "name": "New", "email": "STRASSE@example.com" }).to_string();
+    let (status, err) = users.post("/users", &body).await;
+    assert_eq!(status, StatusCode::CONFLICT, "ß folds to ss: {err}");
 }

@@ -118,6 +118,9 @@ pub struct Spec {
     /// The streams of other services it consumes, and how it applies their events.
     pub consumes: Vec<StreamKey>,
     pub handlers: Handlers,
+    /// Run once at start, in one write, after the migrations: data fixes that SQL
+    /// alone cannot make (e.g. keys computed in Rust for rows of an older version).
+    pub prepare: Option<fn(&rusqlite::Transaction) -> rusqlite::Result<usize>>,
 }
 
 /// The whole router of a service: its routes, the status routes, the body limit.
@@ -229,6 +232,16 @@ pub async fn run(spec: Spec, args: ServiceArgs, shutdown: CancellationToken) -> 
         None => tracing::warn!("no MQTT credentials (--mqtt-username): connecting anonymously, which only a broker that admits anyone accepts"),
     }
     let db = open_database(&args, spec.schema)?;
+    if let Some(prepare) = spec.prepare {
+        let n = db
+            .writer()
+            .write(move |tx| prepare(tx).map_err(edge_outbox::DbError::from))
+            .await
+            .context("preparing the database")?;
+        if n > 0 {
+            tracing::info!(rows = n, "database prepared for this version");
+        }
+    }
     let relay = Relay::new(db.clone(), cfg.clone())?;
     let consumer = Consumer::new(db.clone(), cfg.clone(), spec.consumes, spec.handlers)?;
     let state = AppState {

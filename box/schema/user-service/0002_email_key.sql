@@ -1,0 +1,7 @@
+-- user-service, version 2: emails are unique after Unicode case folding and NFC, not
+-- only after ASCII case folding (COLLATE NOCASE): émile@example.com and
+-- ÉMILE@EXAMPLE.COM are one address. SQLite cannot fold Unicode, so the service computes
+-- email_key; rows written before this version get theirs at the service's next start
+-- (user_service::backfill_email_keys).
+ALTER TABLE users ADD COLUMN email_key TEXT;
+CREATE UNIQUE INDEX users_email_key ON users (email_key) WHERE email_key IS NOT NULL;
