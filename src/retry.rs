@@ -77,6 +77,59 @@ impl LogLimiter {
     }
 }
 
+/// A connection must last this long to count as established: only then is the
+/// reconnect backoff reset. A broker that accepts and at once drops a client (another
+/// client with the same id, a refusal after CONNACK) must not get reconnects at full
+/// speed.
+pub const CONNECTION_STABLE: Duration = Duration::from_secs(5);
+
+/// Connections in a row that ended within [`CONNECTION_STABLE`] before
+/// [`Connections::lost`] says so.
+pub const SHORT_CONNECTIONS_REPORTED: u32 = 3;
+
+/// The life of a client's connections: when to reset the backoff, and when to say
+/// that the broker keeps dropping them.
+#[derive(Debug, Default)]
+pub struct Connections {
+    since: Option<Instant>,
+    short_in_a_row: u32,
+}
+
+impl Connections {
+    /// A CONNACK arrived.
+    pub fn connected(&mut self) {
+        self.since = Some(Instant::now());
+    }
+
+    /// The connection (or the attempt) failed. Resets `backoff` when the connection
+    /// had lasted; returns the number of short-lived connections in a row once it
+    /// reaches [`SHORT_CONNECTIONS_REPORTED`] (and at every such one after).
+    pub fn lost(&mut self, backoff: &mut Backoff) -> Option<u32> {
+        let Some(since) = self.since.take() else {
+            return None; // an attempt that never connected: the backoff handles it
+        };
+        if since.elapsed() >= CONNECTION_STABLE {
+            self.short_in_a_row = 0;
+            backoff.reset();
+            return None;
+        }
+        self.short_in_a_row += 1;
+        (self.short_in_a_row >= SHORT_CONNECTIONS_REPORTED).then_some(self.short_in_a_row)
+    }
+}
+
+/// What to tell an operator when the broker keeps dropping the connection of
+/// `client_id` right after accepting it.
+pub fn short_connections_hint(client_id: &str, n: u32) -> String {
+    format!(
+        "the broker closed {n} connections in a row within {} s of accepting them: another client \
+         is probably connected with the same client id {client_id:?} (each connection takes over \
+         the other's session; give each service its own --client-id), or the broker refuses this \
+         client after connecting",
+        CONNECTION_STABLE.as_secs()
+    )
+}
+
 /// `s` cut to `max` characters (with "..." when cut) and escaped, for a log line about
 /// input that anyone may have sent.
 pub fn truncated(s: &str, max: usize) -> String {
@@ -117,6 +170,23 @@ mod tests {
         assert_eq!(truncated("abc", 5), "abc");
         assert_eq!(truncated("abcdef", 3), "abc...");
         assert_eq!(truncated("a\nb", 5), "a\\nb");
+    }
+
+    #[test]
+    fn only_a_lasting_connection_resets_the_backoff_and_short_ones_are_counted() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        let mut c = Connections::default();
+        assert_eq!(c.lost(&mut b), None, "a failed attempt is not a connection");
+        for n in 1..=4 {
+            b.next_delay();
+            c.connected();
+            let reported = c.lost(&mut b);
+            assert_eq!(reported, (n >= SHORT_CONNECTIONS_REPORTED).then_some(n));
+        }
+        assert!(
+            b.next_delay() > Duration::from_millis(100),
+            "short connections keep the backoff growing"
+        );
     }
 
     #[test]

@@ -220,3 +220,32 @@ async fn retained_and_repeated_replay_requests_cannot_replay_the_history_again_a
     relay.stop().await;
     consumer.stop().await;
 }
+
+/// Regression test for issue 12 ("two services started with the same MQTT client id
+/// take over each other's sessions forever"): the takeover is named, and the
+/// reconnects slow down instead of going on at full speed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_with_one_client_id_are_told_that_they_take_over_each_other() {
+    let broker = Broker::start();
+    let p = Pair::new(&broker.url(), |c| c);
+    let (a, a_status) = relay_with_status(&p);
+    let other_db = open_db(p.dir.path(), "other", &p.cfg);
+    let b_relay = Relay::new(other_db, p.cfg.clone()).unwrap();
+    let b_status = b_relay.status();
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    let b = Running {
+        cancel,
+        task: tokio::spawn(async move { b_relay.run(c).await.unwrap() }),
+    };
+    let told = |s: &RelayStatus| {
+        s.connection_error()
+            .is_some_and(|e| e.contains("same client id"))
+    };
+    wait_for("a relay names the client-id takeover", 20, || {
+        told(&a_status) || told(&b_status)
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
+}

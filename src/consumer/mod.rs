@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError};
 use crate::protocol::{self, HeadAnnouncement, PositionReport, ReplayRequest, Topics};
-use crate::retry::{truncated, Backoff, LogLimiter};
+use crate::retry::{short_connections_hint, truncated, Backoff, Connections, LogLimiter};
 use crate::storage::{Database, DbError};
 use inbox::{ApplyError, Handlers, InboxContext, Isolation, Outcome, StreamKey};
 
@@ -666,6 +666,9 @@ async fn poll(
     status: Arc<ConsumerStatus>,
 ) {
     let mut log = LogLimiter::new(Duration::from_secs(60));
+    let mut connections = Connections::default();
+    let mut flap_log = LogLimiter::new(Duration::from_secs(60));
+    let client_id = eventloop.mqtt_options.client_id();
     loop {
         let event = tokio::select! {
             _ = stop.cancelled() => return,
@@ -678,7 +681,7 @@ async fn poll(
                     "consumer connected to broker"
                 );
                 status.connected.store(true, Ordering::Relaxed);
-                backoff.reset();
+                connections.connected();
                 log.reset();
                 // Always subscribe: a broker that lost the session lost the
                 // subscriptions, and the set of streams may have changed since.
@@ -707,6 +710,15 @@ async fn poll(
             Ok(_) => {}
             Err(e) => {
                 status.connected.store(false, Ordering::Relaxed);
+                if let Some(n) = connections.lost(&mut backoff) {
+                    if let Some(suppressed) = flap_log.allow() {
+                        tracing::error!(
+                            suppressed,
+                            "consumer: {}",
+                            short_connections_hint(&client_id, n)
+                        );
+                    }
+                }
                 if let Some(suppressed) = log.allow() {
                     tracing::warn!(error = %e, suppressed, "consumer: broker connection failed; reconnecting");
                 }

@@ -45,7 +45,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, ConfigError};
 use crate::outbox::{self, PendingRow};
 use crate::protocol::{self, HeadAnnouncement, PositionReport, ReplayRequest, StreamHead, Topics};
-use crate::retry::{truncated, Backoff, LogLimiter};
+use crate::retry::{short_connections_hint, truncated, Backoff, Connections, LogLimiter};
 use crate::storage::{Database, DbError};
 
 /// Rows deleted per retention transaction at most, so that retention never holds the
@@ -366,13 +366,9 @@ impl Relay {
         let cfg = &self.config;
         let window = usize::from(cfg.relay_inflight_max);
         let source = cfg.source.as_str();
-        let (client, mut eventloop) = crate::mqtt::client(
-            cfg,
-            format!("{}-relay", cfg.client_id),
-            true,
-            false,
-            window * 2 + 16,
-        )?;
+        let client_id = format!("{}-relay", cfg.client_id);
+        let (client, mut eventloop) =
+            crate::mqtt::client(cfg, client_id.clone(), true, false, window * 2 + 16)?;
         let replay_filter = self.topics.replay_all(source);
         let replay_prefix = replay_filter.trim_end_matches('+').to_owned();
         let positions_filter = self.topics.positions_all(source);
@@ -409,6 +405,8 @@ impl Relay {
             Config::ms(cfg.reconnect_backoff_max_ms),
         );
         let mut conn_log = LogLimiter::new(Duration::from_secs(60));
+        let mut connections = Connections::default();
+        let mut flap_log = LogLimiter::new(Duration::from_secs(60));
         let mut db_log = LogLimiter::new(Duration::from_secs(60));
         let mut drain_deadline: Option<Instant> = None;
 
@@ -469,7 +467,7 @@ impl Relay {
                         self.status.connected.store(true, Ordering::Relaxed);
                         self.status.set_connection_error(None);
                         self.status.connect_refused.store(false, Ordering::Relaxed);
-                        backoff.reset();
+                        connections.connected();
                         conn_log.reset();
                         st.rewind();
                         heads_tick.reset_immediately();
@@ -507,7 +505,14 @@ impl Relay {
                         st.connection_lost();
                         probe.connection_lost();
                         self.status.connected.store(false, Ordering::Relaxed);
-                        let why = connection_error_text(&e);
+                        let mut why = connection_error_text(&e);
+                        if let Some(n) = connections.lost(&mut backoff) {
+                            let hint = short_connections_hint(&client_id, n);
+                            if let Some(suppressed) = flap_log.allow() {
+                                tracing::error!(suppressed, "relay: {hint}");
+                            }
+                            why = format!("{why}; {hint}");
+                        }
                         let refused = matches!(e, rumqttc::ConnectionError::ConnectionRefused(_));
                         self.status.connect_refused.store(refused, Ordering::Relaxed);
                         self.status.set_connection_error(Some(why.clone()));
