@@ -54,6 +54,36 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
     }
 }
 
+/// "Now" for pruning keys, never ahead of the time this process has measured: the wall
+/// clock when the process started plus the monotonic time since. A forward jump of the
+/// wall clock (NTP fixing a wrong clock, an operator) would otherwise age every key at
+/// once and delete keys before their promised `--retention-ms`, so that a retried POST
+/// could be recorded twice. A jump that happened while the service was stopped cannot
+/// be seen from here (docs/failure-scenarios.md).
+#[derive(Debug, Clone, Copy)]
+pub struct PruneClock {
+    start_wall_ms: i64,
+    start: std::time::Instant,
+}
+
+impl PruneClock {
+    /// Reads both clocks now.
+    pub fn start() -> PruneClock {
+        PruneClock {
+            start_wall_ms: now_ms(),
+            start: std::time::Instant::now(),
+        }
+    }
+
+    /// The time to prune by, given the wall clock's `wall_now_ms`.
+    pub fn now(&self, wall_now_ms: i64) -> i64 {
+        let measured = self
+            .start_wall_ms
+            .saturating_add(i64::try_from(self.start.elapsed().as_millis()).unwrap_or(i64::MAX));
+        wall_now_ms.min(measured)
+    }
+}
+
 /// A JSON response: its status and body.
 pub type Answer = (StatusCode, Value);
 
@@ -121,10 +151,36 @@ pub fn fingerprint(method_path: &str, body: &impl serde::Serialize) -> String {
 }
 
 /// Deletes keys older than `retention_ms`; returns how many.
-pub fn prune(tx: &Transaction, retention_ms: u64) -> Result<usize, edge_outbox::storage::DbError> {
-    let cutoff = now_ms().saturating_sub(retention_ms as i64);
+pub fn prune(
+    tx: &Transaction,
+    retention_ms: u64,
+    now_ms: i64,
+) -> Result<usize, edge_outbox::storage::DbError> {
+    let cutoff = now_ms.saturating_sub(retention_ms as i64);
     Ok(tx.execute(
         "DELETE FROM idempotency_keys WHERE created_at_ms < ?1",
         [cutoff],
     )?)
+}
+
+#[cfg(test)]
+mod clock_tests {
+    use super::*;
+
+    #[test]
+    fn a_forward_jump_of_the_wall_clock_does_not_age_keys() {
+        let clock = PruneClock::start();
+        let week_ms = 7 * 24 * 3600 * 1000;
+        let jumped = now_ms() + week_ms;
+        assert!(
+            clock.now(jumped) < now_ms() + 1_000,
+            "pruned by the measured time, not the jump"
+        );
+        let behind = now_ms() - week_ms;
+        assert_eq!(
+            clock.now(behind),
+            behind,
+            "a clock behind is taken as it is (keys live longer)"
+        );
+    }
 }

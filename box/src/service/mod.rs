@@ -324,15 +324,17 @@ async fn stop_all_when_done<E: Into<anyhow::Error>>(
 /// Deletes idempotency keys older than `--retention-ms`, every `--retention-interval-ms`.
 async fn prune_idempotency_keys(db: Database, cfg: Config, stop: CancellationToken) {
     let mut tick = tokio::time::interval(Config::ms(cfg.retention_interval_ms));
+    let clock = idempotency::PruneClock::start();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
         let keep = cfg.retention_ms;
+        let now = clock.now(edge_outbox::clock::now_ms());
         match db
             .writer()
-            .write(move |tx| idempotency::prune(tx, keep))
+            .write(move |tx| idempotency::prune(tx, keep, now))
             .await
         {
             Ok(0) => {}
