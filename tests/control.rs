@@ -2,6 +2,8 @@
 //! box's ACL keeps strangers out, but a box may talk to brokers it does not control).
 //! Regression tests for issue 12; each message here did damage before.
 
+#![allow(clippy::result_large_err)]
+
 mod support;
 
 use std::sync::Arc;

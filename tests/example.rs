@@ -1,6 +1,8 @@
 //! examples/embed.rs, run against a real Mosquitto, so that the example the README
 //! points at can never rot.
 
+#![allow(clippy::result_large_err)]
+
 mod support;
 
 #[path = "../examples/embed.rs"]

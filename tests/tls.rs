@@ -2,6 +2,8 @@
 //! (rcgen), the relay and the consumer over mqtts://, and each way the server's
 //! certificate can be wrong, refused with an error that says which.
 
+#![allow(clippy::result_large_err)]
+
 mod support;
 
 use std::path::{Path, PathBuf};
