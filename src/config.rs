@@ -252,6 +252,18 @@ pub struct BrokerAddr {
     pub port: u16,
 }
 
+impl BrokerAddr {
+    /// True when the broker is on this machine (localhost or a loopback address), so
+    /// that a password sent without TLS never crosses a network.
+    pub fn is_loopback(&self) -> bool {
+        self.host == "localhost"
+            || self
+                .host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    }
+}
+
 /// The largest MQTT payload accepted by an MQTT 3.1.1 broker (the remaining-length
 /// field tops out at 256 MiB) leaves room for the topic and headers.
 const MQTT_PAYLOAD_MAX_BYTES: usize = 255 * 1024 * 1024;
@@ -295,76 +307,91 @@ impl Config {
         if self.relay_inflight_max == 0 || self.relay_inflight_max > 10_000 {
             return Err(bad("relay-inflight-max", "must be between 1 and 10000"));
         }
-        let positive: [(&'static str, u64); 12] = [
-            ("relay-batch-max", self.relay_batch_max as u64),
-            ("relay-heads-interval-ms", self.relay_heads_interval_ms),
-            ("relay-poll-interval-ms", self.relay_poll_interval_ms),
-            ("consumer-batch-max", self.consumer_batch_max as u64),
-            ("consumer-gap-timeout-ms", self.consumer_gap_timeout_ms),
-            ("consumer-replay-retry-ms", self.consumer_replay_retry_ms),
-            (
-                "consumer-report-interval-ms",
-                self.consumer_report_interval_ms,
-            ),
-            ("retention-interval-ms", self.retention_interval_ms),
-            ("reconnect-backoff-min-ms", self.reconnect_backoff_min_ms),
-            ("mqtt-keep-alive-s", self.mqtt_keep_alive_s),
-            ("db-write-batch-max", self.db_write_batch_max as u64),
-            ("shutdown-timeout-ms", self.shutdown_timeout_ms),
-        ];
-        if let Some((flag, _)) = positive.iter().find(|(_, v)| *v == 0) {
-            return Err(bad(flag, "must be greater than 0"));
-        }
-        // Upper bounds: each setting sizes a buffer, a batch or a timer, and a huge one
-        // aborts the process later (an allocation of that size) instead of now.
+        // Every count and interval has a range. Zero stalls a loop or a batch; a huge
+        // value sizes a buffer, a batch or a timer, and aborts the process later (an
+        // allocation of that size) instead of being refused now.
         const DAY_MS: u64 = 24 * 3600 * 1000;
-        let bounded: [(&'static str, u64, u64); 15] = [
-            ("relay-batch-max", self.relay_batch_max as u64, 100_000),
-            ("consumer-batch-max", self.consumer_batch_max as u64, 10_000),
+        let ranges: [(&'static str, u64, u64, u64); 16] = [
+            ("relay-batch-max", self.relay_batch_max as u64, 1, 100_000),
+            (
+                "consumer-batch-max",
+                self.consumer_batch_max as u64,
+                1,
+                10_000,
+            ),
             (
                 "db-write-batch-max",
                 self.db_write_batch_max as u64,
+                1,
                 100_000,
             ),
             (
                 "relay-heads-interval-ms",
                 self.relay_heads_interval_ms,
+                1,
                 DAY_MS,
             ),
             (
                 "relay-poll-interval-ms",
                 self.relay_poll_interval_ms,
+                1,
                 DAY_MS,
             ),
             (
                 "consumer-gap-timeout-ms",
                 self.consumer_gap_timeout_ms,
+                1,
                 DAY_MS,
             ),
             (
                 "consumer-replay-retry-ms",
                 self.consumer_replay_retry_ms,
+                1,
                 DAY_MS,
             ),
             (
                 "consumer-report-interval-ms",
                 self.consumer_report_interval_ms,
+                1,
                 DAY_MS,
             ),
-            ("retention-interval-ms", self.retention_interval_ms, DAY_MS),
+            (
+                "retention-interval-ms",
+                self.retention_interval_ms,
+                1,
+                DAY_MS,
+            ),
+            (
+                "reconnect-backoff-min-ms",
+                self.reconnect_backoff_min_ms,
+                1,
+                DAY_MS,
+            ),
             (
                 "reconnect-backoff-max-ms",
                 self.reconnect_backoff_max_ms,
+                0,
                 DAY_MS,
             ),
-            ("mqtt-keep-alive-s", self.mqtt_keep_alive_s, 65_535),
-            ("db-busy-timeout-ms", self.db_busy_timeout_ms, DAY_MS),
-            ("shutdown-timeout-ms", self.shutdown_timeout_ms, DAY_MS),
-            ("retention-ms", self.retention_ms, 3650 * DAY_MS),
-            ("consumer-expiry-ms", self.consumer_expiry_ms, 3650 * DAY_MS),
+            ("mqtt-keep-alive-s", self.mqtt_keep_alive_s, 1, 65_535),
+            ("db-busy-timeout-ms", self.db_busy_timeout_ms, 0, DAY_MS),
+            ("shutdown-timeout-ms", self.shutdown_timeout_ms, 1, DAY_MS),
+            ("retention-ms", self.retention_ms, 0, 3650 * DAY_MS),
+            (
+                "consumer-expiry-ms",
+                self.consumer_expiry_ms,
+                0,
+                3650 * DAY_MS,
+            ),
         ];
-        if let Some((flag, _, max)) = bounded.iter().find(|(_, v, max)| v > max) {
-            return Err(bad(flag, format!("must be at most {max}")));
+        if let Some((flag, v, min, max)) = ranges.iter().find(|(_, v, min, max)| v < min || v > max)
+        {
+            let why = if v < min {
+                "must be greater than 0".to_owned()
+            } else {
+                format!("must be at most {max}")
+            };
+            return Err(bad(flag, why));
         }
         if self.reconnect_backoff_max_ms < self.reconnect_backoff_min_ms {
             return Err(bad(
@@ -426,7 +453,8 @@ impl Config {
         }))
     }
 
-    /// The broker address from `broker_url`.
+    /// The broker address from `broker_url`. See [`BrokerAddr::is_loopback`] for
+    /// whether traffic to it leaves this machine.
     pub fn broker(&self) -> Result<BrokerAddr, ConfigError> {
         let url = self.broker_url.trim();
         let plain = url

@@ -130,6 +130,9 @@ pub fn short_connections_hint(client_id: &str, n: u32) -> String {
     )
 }
 
+/// Characters of a message's detail that a warning about input shows at most.
+pub const LOG_DETAIL_MAX_CHARS: usize = 200;
+
 /// `s` cut to `max` characters (with "..." when cut) and escaped, for a log line about
 /// input that anyone may have sent.
 pub fn truncated(s: &str, max: usize) -> String {

@@ -9,18 +9,12 @@ mod support;
 use std::sync::Arc;
 
 use edge_outbox::outbox::envelope::{format_sequence, CloudEvent};
-use edge_outbox::{Relay, RelayStatus};
+use edge_outbox::RelayStatus;
 use support::*;
-use tokio_util::sync::CancellationToken;
 
 /// A relay of the pair's producer whose status the test can read.
 fn relay_with_status(p: &Pair) -> (Running, Arc<RelayStatus>) {
-    let relay = Relay::new(p.producer.clone(), p.cfg.clone()).unwrap();
-    let status = relay.status();
-    let cancel = CancellationToken::new();
-    let c = cancel.clone();
-    let task = tokio::spawn(async move { relay.run(c).await.unwrap() });
-    (Running { cancel, task }, status)
+    spawn_relay_with_status(&p.producer, &p.cfg)
 }
 
 fn topic(p: &Pair, rest: &str) -> String {
@@ -232,14 +226,7 @@ async fn two_relays_with_one_client_id_are_told_that_they_take_over_each_other()
     let p = Pair::new(&broker.url(), |c| c);
     let (a, a_status) = relay_with_status(&p);
     let other_db = open_db(p.dir.path(), "other", &p.cfg);
-    let b_relay = Relay::new(other_db, p.cfg.clone()).unwrap();
-    let b_status = b_relay.status();
-    let cancel = CancellationToken::new();
-    let c = cancel.clone();
-    let b = Running {
-        cancel,
-        task: tokio::spawn(async move { b_relay.run(c).await.unwrap() }),
-    };
+    let (b, b_status) = spawn_relay_with_status(&other_db, &p.cfg);
     let told = |s: &RelayStatus| {
         s.connection_error()
             .is_some_and(|e| e.contains("same client id"))

@@ -140,15 +140,17 @@ pub fn validate(input: &NewUser) -> Result<(String, String), ApiError> {
             "name must hold at least one visible character",
         ));
     }
-    let email = input.email.trim();
-    if !plausible_email(email) {
+    // Normalised before it is checked, so that the 254-byte limit holds for what is
+    // stored (NFC may change the length).
+    use unicode_normalization::UnicodeNormalization;
+    let email: String = input.email.trim().nfc().collect();
+    if !plausible_email(&email) {
         return Err(ApiError::invalid(
             "email",
             "email must look like name@example.com",
         ));
     }
-    use unicode_normalization::UnicodeNormalization;
-    Ok((name.to_owned(), email.nfc().collect()))
+    Ok((name.to_owned(), email))
 }
 
 /// A character that shows: not whitespace, not a control character, not one of the

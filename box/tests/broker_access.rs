@@ -155,6 +155,25 @@ fn service(
     })
 }
 
+/// user-service and transaction-service, each with its own credentials.
+fn both_services(dir: &Path, broker: &ShippedBroker, access: &BrokerAccess) -> (Service, Service) {
+    let users = service(
+        USER_SERVICE,
+        env!("CARGO_BIN_EXE_user-service"),
+        dir,
+        broker,
+        access,
+    );
+    let ledger = service(
+        TRANSACTION_SERVICE,
+        env!("CARGO_BIN_EXE_transaction-service"),
+        dir,
+        broker,
+        access,
+    );
+    (users, ledger)
+}
+
 fn create_user(users: &Service, i: usize) -> i64 {
     let (status, body) = users.post(
         "/users",
@@ -178,20 +197,7 @@ fn strangers_and_other_services_cannot_forge_skip_or_delete_and_real_events_stil
     let dir = tempfile::tempdir().unwrap();
     let access = broker_access::ensure(&dir.path().join("mqtt"), P).unwrap();
     let broker = ShippedBroker::start(dir.path(), &access);
-    let users = service(
-        USER_SERVICE,
-        env!("CARGO_BIN_EXE_user-service"),
-        dir.path(),
-        &broker,
-        &access,
-    );
-    let ledger = service(
-        TRANSACTION_SERVICE,
-        env!("CARGO_BIN_EXE_transaction-service"),
-        dir.path(),
-        &broker,
-        &access,
-    );
+    let (users, ledger) = both_services(dir.path(), &broker, &access);
     let first = create_user(&users, 0);
     wait_until("the first user's welcome credit", 20, || {
         welcome_credits(&ledger, first) == 1
@@ -411,20 +417,7 @@ fn a_service_the_acl_silences_is_reported_unhealthy_and_delivers_everything_once
     assert!(good.contains(&events_rule));
     std::fs::write(access.acl(), good.replace(&events_rule, "")).unwrap();
     let broker = ShippedBroker::start(dir.path(), &access);
-    let users = service(
-        USER_SERVICE,
-        env!("CARGO_BIN_EXE_user-service"),
-        dir.path(),
-        &broker,
-        &access,
-    );
-    let ledger = service(
-        TRANSACTION_SERVICE,
-        env!("CARGO_BIN_EXE_transaction-service"),
-        dir.path(),
-        &broker,
-        &access,
-    );
+    let (users, ledger) = both_services(dir.path(), &broker, &access);
     let ids: Vec<i64> = (0..3).map(|i| create_user(&users, i)).collect();
 
     // The probe times out after 2 s (twice the 300 ms heads interval, at least 2 s).

@@ -32,7 +32,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError};
 use crate::protocol::{self, HeadAnnouncement, PositionReport, ReplayRequest, Topics};
-use crate::retry::{short_connections_hint, truncated, Backoff, Connections, LogLimiter};
+use crate::retry::{
+    short_connections_hint, truncated, Backoff, Connections, LogLimiter, LOG_DETAIL_MAX_CHARS,
+};
 use crate::storage::{Database, DbError};
 use inbox::{ApplyError, Handlers, InboxContext, Isolation, Outcome, StreamKey};
 
@@ -491,7 +493,7 @@ impl Processor<'_> {
         };
         if let Err(e) = heads.validate() {
             if let Some(suppressed) = self.dead_log.allow() {
-                tracing::warn!(error = %truncated(&e, 200), topic = %m.topic, suppressed, "ignoring invalid head announcement");
+                tracing::warn!(error = %truncated(&e, LOG_DETAIL_MAX_CHARS), topic = %m.topic, suppressed, "ignoring invalid head announcement");
             }
             return;
         }

@@ -343,28 +343,28 @@ pub fn heads(conn: &Connection) -> Result<BTreeMap<String, StreamHead>, DbError>
 /// Records what a consumer reported it has applied, as retention must see it: only for
 /// a stream this producer has, and never beyond the stream's last sequence number. A
 /// position may move back: a consumer whose database was restored must win back the
-/// rows it lacks again. Returns false when the stream is unknown.
+/// rows it lacks again. A report for a stream this producer does not have writes
+/// nothing.
 pub fn record_position(
     tx: &Transaction,
     consumer: &str,
     stream: &str,
     position: u64,
-) -> Result<bool, DbError> {
-    let n = tx
-        .prepare_cached(
-            "INSERT INTO consumer_positions (consumer, stream, position, reported_at_ms)
+) -> Result<(), DbError> {
+    tx.prepare_cached(
+        "INSERT INTO consumer_positions (consumer, stream, position, reported_at_ms)
              SELECT ?1, s.stream, MIN(?3, s.last_seq), ?4
              FROM outbox_streams s WHERE s.stream = ?2
              ON CONFLICT (consumer, stream) DO UPDATE SET
                  position = excluded.position, reported_at_ms = excluded.reported_at_ms",
-        )?
-        .execute(params![
-            consumer,
-            stream,
-            position.min(protocol::SEQ_MAX) as i64,
-            now_ms()
-        ])?;
-    Ok(n > 0)
+    )?
+    .execute(params![
+        consumer,
+        stream,
+        position.min(protocol::SEQ_MAX) as i64,
+        now_ms()
+    ])?;
+    Ok(())
 }
 
 /// Retention: deletes up to `limit` outbox rows that are published, were created more
@@ -393,11 +393,20 @@ pub fn prune(
             now.saturating_sub(consumer_expiry_ms as i64),
             limit as i64
         ])?;
-    // A consumer that has not reported for the expiry no longer holds anything back;
-    // forget it, so that consumers that come and go leave no rows behind.
-    tx.prepare_cached("DELETE FROM consumer_positions WHERE reported_at_ms < ?1")?
-        .execute([now.saturating_sub(consumer_expiry_ms as i64)])?;
     Ok(n)
+}
+
+/// Forgets consumers that have not reported for `consumer_expiry_ms`: they no longer
+/// hold anything back (see [`prune`]), and consumers that come and go must leave no
+/// rows behind. Returns how many rows it deleted.
+pub fn forget_expired_consumers(
+    tx: &Transaction,
+    consumer_expiry_ms: u64,
+) -> Result<usize, DbError> {
+    let cutoff = now_ms().saturating_sub(consumer_expiry_ms as i64);
+    Ok(tx
+        .prepare_cached("DELETE FROM consumer_positions WHERE reported_at_ms < ?1")?
+        .execute([cutoff])?)
 }
 
 /// A stream whose outbox rows were written for another topic than `topics` and

@@ -32,7 +32,7 @@ use probe::Probe;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -45,7 +45,9 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, ConfigError};
 use crate::outbox::{self, PendingRow};
 use crate::protocol::{self, HeadAnnouncement, PositionReport, ReplayRequest, StreamHead, Topics};
-use crate::retry::{short_connections_hint, truncated, Backoff, Connections, LogLimiter};
+use crate::retry::{
+    short_connections_hint, truncated, Backoff, Connections, LogLimiter, LOG_DETAIL_MAX_CHARS,
+};
 use crate::storage::{Database, DbError};
 
 /// Rows deleted per retention transaction at most, so that retention never holds the
@@ -58,11 +60,11 @@ const REPLAY_MIN_INTERVAL: Duration = Duration::from_millis(500);
 /// of requests naming made-up streams).
 const REPLAY_MEMORY_MAX: usize = 10_000;
 /// Streams one position report may list at most.
+/// Position reports written at once at most; more are dropped until they are done.
+const REPORT_WRITES_MAX: usize = 16;
 /// Replay requests served per consumer per [`REPLAY_WINDOW`] at most.
 const REPLAYS_PER_CONSUMER_MAX: u32 = 60;
 const REPLAY_WINDOW: Duration = Duration::from_secs(60);
-/// Characters of a message's detail that a warning shows at most.
-const INPUT_LOG_DETAIL_MAX_CHARS: usize = 200;
 /// PUBACKed rows gathered before they are marked while other rows are still in flight.
 /// Each mark is a commit (an fsync) that rewrites the rows' pages and the pending
 /// indexes; marking whatever had arrived (often a few dozen rows) rewrote the same
@@ -109,8 +111,8 @@ pub struct RelayStatus {
     connected: AtomicBool,
     marked_published: AtomicU64,
     replays_served: AtomicU64,
-    publish_refused: Mutex<Option<String>>,
-    connection_error: Mutex<Option<String>>,
+    publish_refused: Note,
+    connection_error: Note,
     /// The broker answered CONNECT with a refusal (bad credentials, not authorised).
     connect_refused: AtomicBool,
 }
@@ -132,35 +134,31 @@ impl RelayStatus {
     /// Why the broker is believed not to deliver this service's publishes (its probe
     /// did not come back: an ACL that denies them, most likely), or None while it does.
     pub fn publish_refused(&self) -> Option<String> {
-        self.publish_refused
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.publish_refused.get()
     }
     /// Why the last attempt to reach the broker failed (refused, TLS certificate not
     /// trusted, ...), while not connected; None once connected.
     pub fn connection_error(&self) -> Option<String> {
-        self.connection_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.connection_error.get()
     }
     /// True while the broker refuses this service's CONNECT (wrong username or
     /// password, not authorised): a setting to fix, not an outage to wait out.
     pub fn connect_refused(&self) -> bool {
         self.connect_refused.load(Ordering::Relaxed)
     }
-    fn set_connection_error(&self, why: Option<String>) {
-        *self
-            .connection_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = why;
+}
+
+/// A status text that the relay task sets and status pages read.
+#[derive(Debug, Default)]
+struct Note(Mutex<Option<String>>);
+
+impl Note {
+    fn get(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
-    fn set_publish_refused(&self, why: Option<String>) {
-        *self
-            .publish_refused
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = why;
+
+    fn set(&self, text: Option<String>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = text;
     }
 }
 
@@ -172,6 +170,8 @@ pub struct Relay {
     status: Arc<RelayStatus>,
     /// One limiter for every warning about a message from the broker.
     input_log: Mutex<LogLimiter>,
+    /// Position reports being written now.
+    report_writes: Arc<AtomicUsize>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -351,6 +351,7 @@ impl Relay {
             config,
             status: Arc::new(RelayStatus::default()),
             input_log: Mutex::new(LogLimiter::new(Duration::from_secs(10))),
+            report_writes: Arc::new(AtomicUsize::new(0)),
         })
     }
 
@@ -465,7 +466,7 @@ impl Relay {
                         tracing::info!(session_present = ack.session_present, "relay connected to broker");
                         st.connected = true;
                         self.status.connected.store(true, Ordering::Relaxed);
-                        self.status.set_connection_error(None);
+                        self.status.connection_error.set(None);
                         self.status.connect_refused.store(false, Ordering::Relaxed);
                         connections.connected();
                         conn_log.reset();
@@ -490,7 +491,7 @@ impl Relay {
                         if p.topic == probe_topic {
                             if probe.on_echo(&p.payload) {
                                 tracing::info!(topic = %probe_topic, "relay: the broker delivers this service's publishes again");
-                                self.status.set_publish_refused(None);
+                                self.status.publish_refused.set(None);
                                 probe_log.reset();
                             }
                         } else if let Some(consumer) = p.topic.strip_prefix(replay_prefix.as_str()) {
@@ -515,7 +516,7 @@ impl Relay {
                         }
                         let refused = matches!(e, rumqttc::ConnectionError::ConnectionRefused(_));
                         self.status.connect_refused.store(refused, Ordering::Relaxed);
-                        self.status.set_connection_error(Some(why.clone()));
+                        self.status.connection_error.set(Some(why.clone()));
                         if let Some(suppressed) = conn_log.allow() {
                             tracing::warn!(error = %why, was_connected, suppressed, "relay: broker connection failed; rows stay pending and are re-published after reconnecting");
                         }
@@ -590,7 +591,7 @@ impl Relay {
                         if let Some(suppressed) = probe_log.allow() {
                             tracing::error!(suppressed, "relay: {why}");
                         }
-                        self.status.set_publish_refused(Some(why));
+                        self.status.publish_refused.set(Some(why));
                     }
                     if let Some(payload) = tick.send {
                         st.correlator.queued(None);
@@ -713,7 +714,7 @@ impl Relay {
     fn input_warning(&self, what: &str, detail: impl std::fmt::Display) {
         let mut log = self.input_log.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(suppressed) = log.allow() {
-            let detail = truncated(&detail.to_string(), INPUT_LOG_DETAIL_MAX_CHARS);
+            let detail = truncated(&detail.to_string(), LOG_DETAIL_MAX_CHARS);
             tracing::warn!(detail = %detail, suppressed, "relay: {what}");
         }
     }
@@ -845,7 +846,21 @@ impl Relay {
             );
             return;
         }
-        let (writer, tx) = (self.db.writer().clone(), side.clone());
+        // Reports are periodic: one dropped while others are being written loses
+        // nothing lasting, and a flood of them must not queue tasks without bound.
+        if self.report_writes.fetch_add(1, Ordering::AcqRel) >= REPORT_WRITES_MAX {
+            self.report_writes.fetch_sub(1, Ordering::AcqRel);
+            self.input_warning(
+                "dropping a position report: too many being written",
+                consumer,
+            );
+            return;
+        }
+        let (writer, tx, writes) = (
+            self.db.writer().clone(),
+            side.clone(),
+            self.report_writes.clone(),
+        );
         tokio::spawn(async move {
             let result = writer
                 .write(move |t| {
@@ -855,6 +870,7 @@ impl Relay {
                     Ok(())
                 })
                 .await;
+            writes.fetch_sub(1, Ordering::AcqRel);
             let _ = tx.send(Side::Recorded(result)).await;
         });
     }
@@ -867,6 +883,9 @@ async fn prune_all(
     retention_ms: u64,
     expiry_ms: u64,
 ) -> Result<usize, DbError> {
+    writer
+        .write(move |t| outbox::forget_expired_consumers(t, expiry_ms))
+        .await?;
     let mut total = 0;
     loop {
         let n = writer

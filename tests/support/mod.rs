@@ -335,13 +335,23 @@ impl Running {
 }
 
 pub fn spawn_relay(db: &Database, config: &Config) -> Running {
+    spawn_relay_with_status(db, config).0
+}
+
+/// [`spawn_relay`], with the relay's status for the test to read.
+pub fn spawn_relay_with_status(
+    db: &Database,
+    config: &Config,
+) -> (Running, std::sync::Arc<edge_outbox::RelayStatus>) {
     let relay = Relay::new(db.clone(), config.clone()).unwrap();
+    let status = relay.status();
     let cancel = CancellationToken::new();
     let c = cancel.clone();
-    Running {
+    let running = Running {
         cancel,
         task: tokio::spawn(async move { relay.run(c).await.unwrap() }),
-    }
+    };
+    (running, status)
 }
 
 pub fn spawn_consumer(

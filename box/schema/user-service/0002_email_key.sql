@@ -5,3 +5,6 @@
 -- (user_service::backfill_email_keys).
 ALTER TABLE users ADD COLUMN email_key TEXT;
 CREATE UNIQUE INDEX users_email_key ON users (email_key) WHERE email_key IS NOT NULL;
+-- The rows still without a key, so that the backfill at every start finds them without
+-- reading the whole table.
+CREATE INDEX users_without_email_key ON users (id) WHERE email_key IS NULL;

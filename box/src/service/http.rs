@@ -17,6 +17,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use edge_outbox::outbox::OutboxError;
+use edge_outbox::retry::{truncated, LOG_DETAIL_MAX_CHARS};
 use edge_outbox::storage::DbError;
 use edge_outbox::{ConsumerStatus, Database, Outbox, RelayStatus};
 
@@ -276,7 +277,12 @@ pub fn parse_json_object<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
 
 /// The answer to a path no route serves: 404 `not_found`, as JSON like every error.
 pub async fn not_found(uri: axum::http::Uri) -> ApiError {
-    ApiError::not_found(format!("no such resource: {}", uri.path()))
+    ApiError::not_found(format!("no such resource: {}", echoed(uri.path())))
+}
+
+/// A client's own path, as an error message repeats it: bounded.
+fn echoed(path: &str) -> String {
+    truncated(path, LOG_DETAIL_MAX_CHARS)
 }
 
 /// The answer to a method a route does not take: 405 `method_not_allowed`.
@@ -284,7 +290,7 @@ pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
-        format!("{method} is not allowed on {}", uri.path()),
+        format!("{method} is not allowed on {}", echoed(uri.path())),
     )
 }
 

@@ -218,13 +218,8 @@ pub async fn run(spec: Spec, args: ServiceArgs, shutdown: CancellationToken) -> 
         tracing::warn!(db_synchronous = %cfg.db_synchronous, "--db-synchronous is not full: commits acknowledged to clients can be lost in a power cut (for benchmarks only)");
     }
     let broker = cfg.broker()?;
-    let loopback = broker.host == "localhost"
-        || broker
-            .host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
     match &cfg.mqtt_username {
-        Some(_) if !broker.tls && !loopback => tracing::warn!(
+        Some(_) if !broker.tls && !broker.is_loopback() => tracing::warn!(
             broker = %cfg.broker_url,
             "sending the MQTT password in clear text to a broker beyond this machine: use mqtts://"
         ),
