@@ -188,6 +188,14 @@ impl Topics {
 pub struct HeadAnnouncement {
     /// The producer.
     pub source: String,
+    /// The producer database's epoch: sequence numbers count within it. Absent only
+    /// from producers older than epochs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<String>,
+    /// The epoch this one continues, up to each stream's [`StreamHead::base`]; absent
+    /// for a new database.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<String>,
     /// Stream name -> its head.
     pub streams: BTreeMap<String, StreamHead>,
 }
@@ -201,14 +209,30 @@ pub struct StreamHead {
     /// The lowest sequence number the producer still holds and can replay; events below
     /// it were deleted by retention.
     pub first: u64,
+    /// The last sequence number enqueued (published or not). A consumer whose position
+    /// in this epoch is beyond it has seen events this database does not hold: it was
+    /// rewound.
+    #[serde(default)]
+    pub last: u64,
+    /// The last sequence number this epoch shares with the previous one (0 when there
+    /// is none).
+    #[serde(default)]
+    pub base: u64,
 }
 
 impl HeadAnnouncement {
-    /// Refuses an announcement that no producer would send: a bad stream name, a head
-    /// above [`SEQ_MAX`], or a `first` beyond `head + 1` (a producer cannot have deleted
-    /// what it never published, so a consumer never skips beyond the announced head).
+    /// Refuses an announcement that no producer would send: a bad stream name or
+    /// epoch, a head above [`SEQ_MAX`], a `first` beyond `head + 1` (a producer cannot
+    /// have deleted what it never published, so a consumer never skips beyond the
+    /// announced head), or (with an epoch) a head or base beyond the last sequence.
     pub fn validate(&self) -> Result<(), String> {
         validate_name(&self.source)?;
+        for epoch in [&self.epoch, &self.previous].into_iter().flatten() {
+            validate_name(epoch).map_err(|e| format!("epoch {e}"))?;
+        }
+        if self.previous.is_some() && self.epoch.is_none() {
+            return Err("a previous epoch without an epoch".into());
+        }
         if self.streams.len() > CONTROL_STREAMS_MAX {
             return Err(format!("more than {CONTROL_STREAMS_MAX} streams"));
         }
@@ -218,6 +242,12 @@ impl HeadAnnouncement {
                 return Err(format!(
                     "stream {stream:?}: head {} and first {} are not 0 <= first - 1 <= head < {SEQ_MAX}",
                     h.head, h.first
+                ));
+            }
+            if self.epoch.is_some() && (h.head > h.last || h.base > h.last) {
+                return Err(format!(
+                    "stream {stream:?}: head {} and base {} must not exceed last {}",
+                    h.head, h.base, h.last
                 ));
             }
         }
@@ -256,8 +286,27 @@ impl ReplayRequest {
 pub struct PositionReport {
     /// The consumer (its client id).
     pub consumer: String,
+    /// The producer epoch the positions count in (absent from consumers older than
+    /// epochs, and for positions that have not met an epoch yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<String>,
     /// Stream name -> last sequence number applied.
     pub positions: BTreeMap<String, u64>,
+    /// Streams in which the consumer received, at a sequence number it had applied in
+    /// this epoch, an event with another id than the one it applied: the producer's
+    /// numbering went back. The producer checks the claim against its own outbox.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub diverged: BTreeMap<String, Divergence>,
+}
+
+/// One stream of [`PositionReport::diverged`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Divergence {
+    /// The sequence number.
+    pub seq: u64,
+    /// The id of the event the consumer applied at it.
+    pub applied_id: String,
 }
 
 impl PositionReport {
@@ -265,6 +314,9 @@ impl PositionReport {
     /// position out of range.
     pub fn validate(&self) -> Result<(), String> {
         validate_name(&self.consumer)?;
+        if let Some(epoch) = &self.epoch {
+            validate_name(epoch).map_err(|e| format!("epoch {e}"))?;
+        }
         if self.positions.len() > CONTROL_STREAMS_MAX {
             return Err(format!("more than {CONTROL_STREAMS_MAX} streams"));
         }
@@ -272,6 +324,18 @@ impl PositionReport {
             validate_name(stream)?;
             if *p > SEQ_MAX {
                 return Err(format!("stream {stream:?}: position {p} exceeds {SEQ_MAX}"));
+            }
+        }
+        if self.diverged.len() > CONTROL_STREAMS_MAX {
+            return Err(format!("more than {CONTROL_STREAMS_MAX} diverged streams"));
+        }
+        for (stream, d) in &self.diverged {
+            validate_name(stream)?;
+            if d.seq == 0 || d.seq > SEQ_MAX || d.applied_id.is_empty() || d.applied_id.len() > 128
+            {
+                return Err(format!(
+                    "stream {stream:?}: a divergence needs a sequence of 1 to {SEQ_MAX} and an event id of 1 to 128 bytes"
+                ));
             }
         }
         Ok(())

@@ -26,6 +26,7 @@ fn event(seq: u64, event_type: &str, id: i64) -> (String, Bytes) {
         datacontenttype: "application/json".into(),
         stream: STREAM.into(),
         sequence: format_sequence(seq),
+        epoch: None,
         data: serde_json::json!({ "id": id }),
     };
     (

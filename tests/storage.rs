@@ -53,15 +53,20 @@ fn migrations_are_recorded_and_applying_twice_is_a_no_op() {
     drop(Database::open(&DbOptions::new(&path), &[ITEMS_SCHEMA]).unwrap());
     assert_eq!(
         count(&path, "SELECT COUNT(*) FROM schema_migrations"),
-        2,
-        "core v1 and items v1, once each"
+        3,
+        "core v1 and v2 and items v1, once each"
     );
     assert_eq!(
         count(
             &path,
             "SELECT COUNT(*) FROM schema_migrations WHERE component = 'edge_outbox'"
         ),
-        1
+        2
+    );
+    assert_eq!(
+        count(&path, "SELECT COUNT(*) FROM outbox_epoch"),
+        1,
+        "one epoch, made once"
     );
 }
 
@@ -294,7 +299,12 @@ fn retention_deletes_only_old_published_rows_that_every_known_consumer_applied()
     let heads = outbox::heads(&db.reader().unwrap()).unwrap();
     assert_eq!(
         heads["s"],
-        edge_outbox::protocol::StreamHead { head: 5, first: 4 },
+        edge_outbox::protocol::StreamHead {
+            head: 5,
+            first: 4,
+            last: 6,
+            base: 0
+        },
         "head stops before the pending row"
     );
 

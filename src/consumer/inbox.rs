@@ -182,6 +182,26 @@ pub enum Outcome {
         seq: u64,
         /// The event's CloudEvents `id`.
         event_id: String,
+        /// The producer epoch the position now counts in.
+        epoch: Option<String>,
+    },
+    /// The next event of the stream, but applied before under another epoch of its
+    /// producer (a producer found rewound publishes again, in its new epoch, what it
+    /// wrote since it was opened): no effect; the position moved to `seq`.
+    AppliedBefore {
+        /// The stream.
+        key: StreamKey,
+        /// The sequence number, in the new epoch.
+        seq: u64,
+    },
+    /// Counted in another epoch of its producer than the one this consumer follows:
+    /// not applied. The consumer changes epochs only on the producer's head
+    /// announcement, and then has such events replayed.
+    OtherEpoch {
+        /// The stream.
+        key: StreamKey,
+        /// The sequence number received.
+        seq: u64,
     },
     /// Already applied (`seq <= position`); no effect.
     Duplicate {
@@ -189,6 +209,18 @@ pub enum Outcome {
         key: StreamKey,
         /// The sequence number received.
         seq: u64,
+    },
+    /// At a sequence number already applied in this epoch, but with another event id
+    /// than the one applied there: the producer's numbering went back (its database
+    /// was restored from an older backup). Not applied; the consumer tells the
+    /// producer, which checks the claim and begins a new epoch.
+    Diverged {
+        /// The stream.
+        key: StreamKey,
+        /// The sequence number received.
+        seq: u64,
+        /// The id of the event applied at it.
+        applied_id: String,
     },
     /// Ahead of a gap (`seq > position + 1`); not applied.
     Ahead {
@@ -222,7 +254,7 @@ pub fn apply_batch(
 ) -> Result<Vec<Outcome>, ApplyError> {
     // Positions are read once per stream and written once per batch, after every
     // message of it.
-    let mut positions: HashMap<StreamKey, (u64, bool)> = HashMap::new();
+    let mut positions: HashMap<StreamKey, Tracked> = HashMap::new();
     let mut outcomes = Vec::with_capacity(messages.len());
     for (topic, payload) in messages {
         // No savepoint per message: a message writes nothing before its handler, whose
@@ -231,7 +263,9 @@ pub fn apply_batch(
         // savepoint undoes it, and the batch is tried again).
         let outcome = apply_one(tx, ctx, &mut positions, topic, payload, isolation)?;
         let advanced = match &outcome {
-            Outcome::Applied { key, seq, .. } => Some((key, *seq)),
+            Outcome::Applied { key, seq, .. } | Outcome::AppliedBefore { key, seq } => {
+                Some((key, *seq))
+            }
             Outcome::DeadLettered {
                 advanced: Some((key, seq)),
                 ..
@@ -240,11 +274,9 @@ pub fn apply_batch(
         };
         if let Some((key, seq)) = advanced {
             // apply_one looked the stream's position up, so it is in the map.
-            match positions.get_mut(key) {
-                Some(p) => *p = (seq, true),
-                None => {
-                    positions.insert(key.clone(), (seq, true));
-                }
+            if let Some(p) = positions.get_mut(key) {
+                p.position = seq;
+                p.dirty = true;
             }
         }
         let stop = matches!(outcome, Outcome::Retry(_));
@@ -253,18 +285,25 @@ pub fn apply_batch(
             break;
         }
     }
-    for (key, (position, dirty)) in &positions {
-        if *dirty {
-            set_position(tx, key, *position)?;
+    for (key, p) in &positions {
+        if p.dirty {
+            set_position(tx, key, p.position, p.epoch.as_deref())?;
         }
     }
     Ok(outcomes)
 }
 
+/// A stream's position during a batch.
+struct Tracked {
+    position: u64,
+    epoch: Option<String>,
+    dirty: bool,
+}
+
 fn apply_one(
     tx: &Transaction,
     ctx: &InboxContext,
-    positions: &mut HashMap<StreamKey, (u64, bool)>,
+    positions: &mut HashMap<StreamKey, Tracked>,
     topic: &str,
     payload: &[u8],
     isolation: Isolation,
@@ -301,25 +340,60 @@ fn apply_one(
         source: event.source.clone(),
         stream: event.stream.clone(),
     };
-    let position = match positions.get(&key) {
-        Some((p, _)) => *p,
-        None => {
-            let p = position(tx, &key)?;
-            positions.insert(key.clone(), (p, false));
-            p
-        }
-    };
+    if !positions.contains_key(&key) {
+        let (position, epoch) = stream_state(tx, &key)?;
+        positions.insert(
+            key.clone(),
+            Tracked {
+                position,
+                epoch,
+                dirty: false,
+            },
+        );
+    }
+    let tracked = positions.get_mut(&key).expect("inserted above");
+    let position = tracked.position;
+    match (&tracked.epoch, &event.epoch) {
+        // An event older than epochs counts in whatever epoch the stream follows.
+        (_, None) => {}
+        // A position older than epochs (or the stream's first event) takes the first
+        // epoch it meets; it is written with the position.
+        (None, Some(e)) => tracked.epoch = Some(e.clone()),
+        (Some(current), Some(e)) if current == e => {}
+        (Some(_), Some(_)) => return Ok(Outcome::OtherEpoch { key, seq }),
+    }
+    let epoch = tracked.epoch.clone();
     if seq <= position {
+        if let (Some(e), Some(_)) = (&epoch, &event.epoch) {
+            let applied: Option<String> = tx
+                .prepare_cached(
+                    "SELECT event_id FROM inbox WHERE source = ?1 AND stream = ?2 AND epoch = ?3 AND seq = ?4",
+                )?
+                .query_row(params![key.source, key.stream, e, seq as i64], |r| r.get(0))
+                .optional()?;
+            if let Some(applied_id) = applied.filter(|a| *a != event.id) {
+                return Ok(Outcome::Diverged {
+                    key,
+                    seq,
+                    applied_id,
+                });
+            }
+        }
         return Ok(Outcome::Duplicate { key, seq });
     }
     if seq > position + 1 {
         return Ok(Outcome::Ahead { key, seq, position });
     }
-    let seen: Option<i64> = tx
-        .prepare_cached("SELECT seq FROM inbox WHERE event_id = ?1")?
-        .query_row([&event.id], |r| r.get(0))
+    let seen: Option<(i64, String)> = tx
+        .prepare_cached("SELECT seq, epoch FROM inbox WHERE event_id = ?1")?
+        .query_row([&event.id], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
-    if let Some(earlier) = seen {
+    if let Some((_, seen_epoch)) = &seen {
+        if seen_epoch.as_str() != epoch.as_deref().unwrap_or("") {
+            return Ok(Outcome::AppliedBefore { key, seq });
+        }
+    }
+    if let Some((earlier, _)) = seen {
         // The same event id at a second position: a forged or corrupted message. It
         // does not take the position; the real event for it will come in a replay.
         let reason = format!(
@@ -341,6 +415,7 @@ fn apply_one(
             key: key.clone(),
             seq,
             event_id: event.id.clone(),
+            epoch: epoch.clone(),
         },
         Err(HandlerError::Transient(reason)) => return Ok(Outcome::Retry(reason)),
         Err(HandlerError::Permanent(reason)) => {
@@ -357,13 +432,14 @@ fn apply_one(
         "dead_lettered"
     };
     tx.prepare_cached(
-        "INSERT INTO inbox (event_id, source, stream, seq, event_type, outcome, applied_at_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO inbox (event_id, source, stream, epoch, seq, event_type, outcome, applied_at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?
     .execute(params![
         event.id,
         key.source,
         key.stream,
+        epoch.as_deref().unwrap_or(""),
         seq as i64,
         event.event_type,
         label,
@@ -441,25 +517,40 @@ fn insert_dead_letter(
 
 /// The last sequence number applied in a stream (0 before the first).
 pub fn position(conn: &Connection, key: &StreamKey) -> Result<u64, DbError> {
-    let p: Option<i64> = conn
-        .prepare_cached("SELECT position FROM inbox_positions WHERE source = ?1 AND stream = ?2")?
-        .query_row([&key.source, &key.stream], |r| r.get(0))
-        .optional()?;
-    Ok(p.unwrap_or(0) as u64)
+    Ok(stream_state(conn, key)?.0)
 }
 
-fn set_position(tx: &Transaction, key: &StreamKey, seq: u64) -> Result<(), DbError> {
+/// The stream's position and the producer epoch it counts in (None before the
+/// stream met an epoch).
+pub fn stream_state(conn: &Connection, key: &StreamKey) -> Result<(u64, Option<String>), DbError> {
+    let p: Option<(i64, Option<String>)> = conn
+        .prepare_cached(
+            "SELECT position, epoch FROM inbox_positions WHERE source = ?1 AND stream = ?2",
+        )?
+        .query_row([&key.source, &key.stream], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    Ok(p.map_or((0, None), |(p, e)| (p as u64, e)))
+}
+
+fn set_position(
+    tx: &Transaction,
+    key: &StreamKey,
+    seq: u64,
+    epoch: Option<&str>,
+) -> Result<(), DbError> {
     tx.prepare_cached(
-        "INSERT INTO inbox_positions (source, stream, position, updated_at_ms) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT (source, stream) DO UPDATE SET position = excluded.position, updated_at_ms = excluded.updated_at_ms",
+        "INSERT INTO inbox_positions (source, stream, position, updated_at_ms, epoch) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (source, stream) DO UPDATE SET position = excluded.position,
+             updated_at_ms = excluded.updated_at_ms, epoch = COALESCE(excluded.epoch, epoch)",
     )?
-    .execute(params![key.source, key.stream, seq as i64, now_ms()])?;
+    .execute(params![key.source, key.stream, seq as i64, now_ms(), epoch])?;
     Ok(())
 }
 
-/// Every stream position this inbox holds.
-pub fn positions(conn: &Connection) -> Result<HashMap<StreamKey, u64>, DbError> {
-    let mut stmt = conn.prepare_cached("SELECT source, stream, position FROM inbox_positions")?;
+/// Every stream position this inbox holds, with the epoch it counts in.
+pub fn positions(conn: &Connection) -> Result<HashMap<StreamKey, (u64, Option<String>)>, DbError> {
+    let mut stmt =
+        conn.prepare_cached("SELECT source, stream, position, epoch FROM inbox_positions")?;
     let map = stmt
         .query_map([], |r| {
             Ok((
@@ -467,11 +558,156 @@ pub fn positions(conn: &Connection) -> Result<HashMap<StreamKey, u64>, DbError> 
                     source: r.get(0)?,
                     stream: r.get(1)?,
                 },
-                r.get::<_, i64>(2)? as u64,
+                (r.get::<_, i64>(2)? as u64, r.get(3)?),
             ))
         })?
         .collect::<Result<HashMap<_, _>, _>>()?;
     Ok(map)
+}
+
+/// What following a head announcement's epoch did to one stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EpochFollow {
+    /// The stream already follows the announced epoch.
+    Unchanged {
+        /// The stream.
+        key: StreamKey,
+    },
+    /// A position without an epoch took the announced one; nothing else changed.
+    Adopted {
+        /// The stream.
+        key: StreamKey,
+    },
+    /// The producer's epoch changed: the position now counts in the new epoch.
+    Changed(EpochChanged),
+}
+
+/// A change of a producer's epoch that a stream followed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EpochChanged {
+    /// The stream.
+    pub key: StreamKey,
+    /// The epoch it counted in.
+    pub from_epoch: String,
+    /// Its position there.
+    pub from_position: u64,
+    /// The new epoch.
+    pub to_epoch: String,
+    /// Its position in the new epoch: what the two epochs share of it.
+    pub to_position: u64,
+    /// Events this consumer applied that the producer no longer has (its database
+    /// was replaced, or restored from an older backup), if any.
+    pub orphaned: Option<(u64, u64)>,
+}
+
+/// Follows the epoch a producer announces (see docs/recovery.md, "Producer
+/// identity"), for the streams of `heads` that this inbox has a position in:
+///
+/// - the same epoch: nothing to do;
+/// - no epoch yet (a position older than epochs): it takes the announced one;
+/// - the announced epoch continues the stream's (`previous`): the position becomes
+///   `min(position, base)`, and what it had applied beyond `base` is recorded as
+///   orphaned;
+/// - any other epoch (a new database, or more than one change missed): the position
+///   starts again at 0 and everything it had applied is recorded as orphaned; events
+///   applied before are recognised by their id and not applied again.
+///
+/// `heads` must have passed [`HeadAnnouncement::validate`]. Records every change in
+/// `inbox_epoch_changes`.
+pub fn follow_epoch(
+    tx: &Transaction,
+    heads: &crate::protocol::HeadAnnouncement,
+) -> Result<Vec<EpochFollow>, DbError> {
+    let Some(announced) = &heads.epoch else {
+        return Ok(Vec::new());
+    };
+    let mut follows = Vec::new();
+    for (stream, head) in &heads.streams {
+        let key = StreamKey {
+            source: heads.source.clone(),
+            stream: stream.clone(),
+        };
+        let Some((position, epoch)) = tx
+            .prepare_cached(
+                "SELECT position, epoch FROM inbox_positions WHERE source = ?1 AND stream = ?2",
+            )?
+            .query_row([&key.source, &key.stream], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Option<String>>(1)?))
+            })
+            .optional()?
+        else {
+            continue; // not consumed here, or no event yet: the first one brings the epoch
+        };
+        let change = match epoch {
+            Some(e) if e == *announced => {
+                follows.push(EpochFollow::Unchanged { key });
+                continue;
+            }
+            None => {
+                tx.prepare_cached(
+                    "UPDATE inbox_positions SET epoch = ?3 WHERE source = ?1 AND stream = ?2",
+                )?
+                .execute(params![key.source, key.stream, announced])?;
+                follows.push(EpochFollow::Adopted { key });
+                continue;
+            }
+            Some(from_epoch) => {
+                let shared = if heads.previous.as_deref() == Some(from_epoch.as_str()) {
+                    head.base
+                } else {
+                    0
+                };
+                let to_position = position.min(shared);
+                EpochChanged {
+                    orphaned: (position > to_position).then_some((to_position + 1, position)),
+                    key,
+                    from_epoch,
+                    from_position: position,
+                    to_epoch: announced.clone(),
+                    to_position,
+                }
+            }
+        };
+        {
+            let EpochChanged {
+                key,
+                from_epoch,
+                from_position,
+                to_epoch,
+                to_position,
+                orphaned,
+            } = &change;
+            tx.prepare_cached(
+                "INSERT INTO inbox_epoch_changes (source, stream, from_epoch, from_position, to_epoch,
+                     to_position, orphaned_first, orphaned_last, recorded_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?
+            .execute(params![
+                key.source,
+                key.stream,
+                from_epoch,
+                *from_position as i64,
+                to_epoch,
+                *to_position as i64,
+                orphaned.map(|o| o.0 as i64),
+                orphaned.map(|o| o.1 as i64),
+                now_ms()
+            ])?;
+            tx.prepare_cached(
+                "UPDATE inbox_positions SET epoch = ?3, position = ?4, updated_at_ms = ?5
+                 WHERE source = ?1 AND stream = ?2",
+            )?
+            .execute(params![
+                key.source,
+                key.stream,
+                to_epoch,
+                *to_position as i64,
+                now_ms()
+            ])?;
+        }
+        follows.push(EpochFollow::Changed(change));
+    }
+    Ok(follows)
 }
 
 /// The producer no longer holds events `position + 1 .. first - 1` (retention deleted
@@ -491,7 +727,7 @@ pub fn skip_unrecoverable(
         "INSERT INTO inbox_skipped (source, stream, first_seq, last_seq, recorded_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
         params![key.source, key.stream, range.0 as i64, range.1 as i64, now_ms()],
     )?;
-    set_position(tx, key, first - 1)?;
+    set_position(tx, key, first - 1, None)?;
     Ok(Some(range))
 }
 

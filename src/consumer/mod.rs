@@ -87,6 +87,9 @@ pub struct ConsumerStatus {
     duplicates: AtomicU64,
     dead_lettered: AtomicU64,
     replays_requested: AtomicU64,
+    epoch_changes: AtomicU64,
+    orphaned: AtomicU64,
+    producer_rewound: Mutex<Option<String>>,
     streams: Mutex<BTreeMap<String, StreamProgress>>,
 }
 
@@ -114,6 +117,23 @@ impl ConsumerStatus {
     /// Replay requests sent since start.
     pub fn replays_requested(&self) -> u64 {
         self.replays_requested.load(Ordering::Relaxed)
+    }
+    /// Producer epoch changes followed since start (docs/recovery.md, "Producer
+    /// identity"); each is recorded in `inbox_epoch_changes`.
+    pub fn epoch_changes(&self) -> u64 {
+        self.epoch_changes.load(Ordering::Relaxed)
+    }
+    /// Events applied here that their producer no longer has (its database was
+    /// replaced or restored from an older backup), counted when epoch changes showed
+    /// it since start.
+    pub fn orphaned(&self) -> u64 {
+        self.orphaned.load(Ordering::Relaxed)
+    }
+    /// Set while a producer announces, in the epoch this consumer follows, fewer events
+    /// than it has applied: that producer's database was rewound and has not noticed
+    /// yet (it begins a new epoch when it reads this consumer's position report).
+    pub fn producer_rewound(&self) -> Option<String> {
+        self.producer_rewound.lock().ok().and_then(|s| s.clone())
     }
     /// Progress per stream ("source/stream").
     pub fn streams(&self) -> BTreeMap<String, StreamProgress> {
@@ -215,7 +235,11 @@ impl Consumer {
                 .map(|s| SubscribeFilter::new(topics.heads(s), QoS::AtMostOnce)),
         );
 
-        let mut positions = self.db.read(inbox::positions).await?;
+        let stored = self.db.read(inbox::positions).await?;
+        let mut positions: HashMap<StreamKey, u64> =
+            stored.iter().map(|(k, (p, _))| (k.clone(), *p)).collect();
+        let epochs: HashMap<StreamKey, Option<String>> =
+            stored.into_iter().map(|(k, (_, e))| (k, e)).collect();
         for k in &self.streams {
             positions.entry(k.clone()).or_insert(0);
         }
@@ -240,8 +264,12 @@ impl Consumer {
             consumer: &self,
             client: &client,
             positions,
+            epochs,
             gaps: HashMap::new(),
+            diverged: HashMap::new(),
+            report_due: false,
             dead_log: LogLimiter::new(Duration::from_secs(10)),
+            epoch_log: LogLimiter::new(Duration::from_secs(60)),
             db_log: LogLimiter::new(Duration::from_secs(60)),
             backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(5)),
             unacked: VecDeque::new(),
@@ -277,6 +305,9 @@ impl Consumer {
                     }
                     if !batch.is_empty() && !p.process(&mut batch, &cancel).await {
                         break;
+                    }
+                    if p.report_due {
+                        p.report_positions();
                     }
                 }
                 _ = sleep(ACK_RETRY), if !p.unacked.is_empty() => p.flush_acks(),
@@ -334,8 +365,17 @@ struct Processor<'a> {
     consumer: &'a Consumer,
     client: &'a AsyncClient,
     positions: HashMap<StreamKey, u64>,
+    /// The producer epoch each position counts in, as last read or written (a stream
+    /// that took its epoch from an event may show None until the next announcement).
+    epochs: HashMap<StreamKey, Option<String>>,
     gaps: HashMap<StreamKey, Gap>,
+    /// Streams in which the producer's numbering went back, until it begins a new
+    /// epoch: `(seq, id applied there)`, sent with the position reports.
+    diverged: HashMap<StreamKey, (u64, String)>,
+    /// A divergence was found: report at once rather than at the next tick.
+    report_due: bool,
     dead_log: LogLimiter,
+    epoch_log: LogLimiter,
     db_log: LogLimiter,
     backoff: Backoff,
     /// Committed messages whose PUBACK rumqttc has not accepted yet, in receive order.
@@ -425,10 +465,40 @@ impl Processor<'_> {
     fn record(&mut self, outcome: Outcome) {
         let status = &self.consumer.status;
         match outcome {
-            Outcome::Applied { key, seq, event_id } => {
+            Outcome::Applied {
+                key,
+                seq,
+                event_id,
+                epoch,
+            } => {
                 tracing::debug!(%event_id, stream = %key, seq, "applied");
                 status.applied.fetch_add(1, Ordering::Relaxed);
+                if epoch.is_some() {
+                    self.epochs.insert(key.clone(), epoch);
+                }
                 self.advanced(key, seq);
+            }
+            Outcome::AppliedBefore { key, seq } => {
+                tracing::debug!(stream = %key, seq, "applied before under another epoch of its producer: no effect");
+                status.duplicates.fetch_add(1, Ordering::Relaxed);
+                self.advanced(key, seq);
+            }
+            Outcome::Diverged {
+                key,
+                seq,
+                applied_id,
+            } => {
+                status.duplicates.fetch_add(1, Ordering::Relaxed);
+                if let Some(suppressed) = self.epoch_log.allow() {
+                    tracing::error!(stream = %key, seq, %applied_id, suppressed, "the producer sent another event at a sequence number this consumer applied: its database was rewound (restored from an older backup?); telling it");
+                }
+                if !self.diverged.contains_key(&key) {
+                    self.report_due = true;
+                }
+                self.diverged.insert(key, (seq, applied_id));
+            }
+            Outcome::OtherEpoch { key, seq } => {
+                tracing::debug!(stream = %key, seq, "event of another producer epoch than the one followed: not applied");
             }
             Outcome::Duplicate { key, seq } => {
                 tracing::debug!(stream = %key, seq, "duplicate acknowledged without effect");
@@ -503,6 +573,20 @@ impl Processor<'_> {
             }
             return;
         }
+        if let Some(announced) = &heads.epoch {
+            let follow = heads.streams.keys().any(|stream| {
+                let key = StreamKey {
+                    source: heads.source.clone(),
+                    stream: stream.clone(),
+                };
+                self.positions.contains_key(&key)
+                    && self.epochs.get(&key).and_then(|e| e.as_deref()) != Some(announced)
+            });
+            if follow {
+                self.follow_epoch(&heads).await;
+            }
+        }
+        let mut rewound = None;
         for (stream, head) in heads.streams {
             let key = StreamKey {
                 source: heads.source.clone(),
@@ -511,6 +595,16 @@ impl Processor<'_> {
             let Some(&position) = self.positions.get(&key) else {
                 continue; // a stream this consumer does not consume
             };
+            if heads.epoch.is_some()
+                && heads.epoch == self.epochs.get(&key).cloned().flatten()
+                && head.last < position
+            {
+                rewound = Some(format!(
+                    "{key}: position {position} in the producer's epoch, which announces only {} events",
+                    head.last
+                ));
+                continue;
+            }
             if head.first > position + 1 {
                 self.skip_unrecoverable(key.clone(), head.first).await;
             }
@@ -522,8 +616,69 @@ impl Processor<'_> {
             }
             self.known(key, head.head);
         }
+        if let Some(why) = &rewound {
+            if let Some(suppressed) = self.epoch_log.allow() {
+                tracing::error!(%why, suppressed, "a producer's database was rewound (restored from an older backup?): waiting for it to begin a new epoch, which it does on this consumer's next position report");
+            }
+        }
+        if let Ok(mut r) = self.consumer.status.producer_rewound.lock() {
+            *r = rewound;
+        }
         self.forget_closed_gaps();
         self.publish_status();
+    }
+
+    /// Follows a change of a producer's epoch (see [`inbox::follow_epoch`]).
+    async fn follow_epoch(&mut self, heads: &HeadAnnouncement) {
+        let h = heads.clone();
+        let result = self
+            .consumer
+            .db
+            .writer()
+            .write(move |tx| inbox::follow_epoch(tx, &h))
+            .await;
+        let follows = match result {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(error = %e, source = %heads.source, "could not follow the producer's epoch; will try again at its next announcement");
+                return;
+            }
+        };
+        let status = &self.consumer.status;
+        for follow in follows {
+            match follow {
+                inbox::EpochFollow::Unchanged { key } | inbox::EpochFollow::Adopted { key } => {
+                    self.epochs.insert(key, heads.epoch.clone());
+                }
+                inbox::EpochFollow::Changed(c) => {
+                    status.epoch_changes.fetch_add(1, Ordering::Relaxed);
+                    let (stream, from, to) = (&c.key, &c.from_epoch, &c.to_epoch);
+                    match c.orphaned {
+                        Some((first, last)) => {
+                            status
+                                .orphaned
+                                .fetch_add(last - first + 1, Ordering::Relaxed);
+                            tracing::error!(
+                                %stream, from_epoch = %from, from_position = c.from_position,
+                                to_epoch = %to, to_position = c.to_position,
+                                orphaned_first = first, orphaned_last = last,
+                                "the producer's database was replaced or restored from an older backup: events this consumer applied are gone there \
+                                 (recorded in inbox_epoch_changes); following its new epoch, events applied before are recognised by their id"
+                            );
+                        }
+                        None => tracing::warn!(
+                            %stream, from_epoch = %from, from_position = c.from_position,
+                            to_epoch = %to, to_position = c.to_position,
+                            "the producer began a new epoch; following it (recorded in inbox_epoch_changes)"
+                        ),
+                    }
+                    self.epochs.insert(c.key.clone(), Some(c.to_epoch));
+                    self.gaps.remove(&c.key);
+                    self.diverged.remove(&c.key);
+                    self.positions.insert(c.key, c.to_position);
+                }
+            }
+        }
     }
 
     /// The producer no longer holds what this consumer lacks: record the loss loudly
@@ -605,18 +760,50 @@ impl Processor<'_> {
 
     /// Tells each producer what this consumer has applied (retained), so that its
     /// retention keeps what this consumer still needs.
-    fn report_positions(&self) {
-        let mut by_source: BTreeMap<&str, BTreeMap<String, u64>> = BTreeMap::new();
+    /// A report counts in one epoch of its producer: the one most of its streams follow
+    /// (all of them, but for a moment after a change); streams in another are left out.
+    fn report_positions(&mut self) {
+        self.report_due = false;
+        type ByEpoch<'a> = BTreeMap<Option<&'a str>, BTreeMap<String, u64>>;
+        let mut by_source: BTreeMap<&str, ByEpoch> = BTreeMap::new();
         for (key, position) in &self.positions {
+            let epoch = self.epochs.get(key).and_then(|e| e.as_deref());
             by_source
                 .entry(&key.source)
                 .or_default()
+                .entry(epoch)
+                .or_default()
                 .insert(key.stream.clone(), *position);
         }
-        for (source, positions) in by_source {
+        for (source, by_epoch) in by_source {
+            let Some((epoch, positions)) = by_epoch
+                .into_iter()
+                .max_by_key(|(epoch, positions)| (positions.len(), epoch.is_some()))
+            else {
+                continue;
+            };
+            let diverged = self
+                .diverged
+                .iter()
+                .filter(|(key, _)| {
+                    key.source == source
+                        && self.epochs.get(*key).and_then(|e| e.as_deref()) == epoch
+                })
+                .map(|(key, (seq, id))| {
+                    (
+                        key.stream.clone(),
+                        protocol::Divergence {
+                            seq: *seq,
+                            applied_id: id.clone(),
+                        },
+                    )
+                })
+                .collect();
             let report = PositionReport {
                 consumer: self.consumer.name().to_owned(),
+                epoch: epoch.map(str::to_owned),
                 positions,
+                diverged,
             };
             let payload = serde_json::to_vec(&report).expect("position reports serialise");
             let topic = self

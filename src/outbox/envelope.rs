@@ -3,13 +3,18 @@
 //! ```json
 //! {"specversion":"1.0","id":"0193...","source":"user-service","type":"user.created",
 //!  "subject":"42","time":"2026-11-27T12:00:00.000Z","datacontenttype":"application/json",
-//!  "stream":"users","sequence":"00000000000000000007","data":{...}}
+//!  "stream":"users","sequence":"00000000000000000007",
+//!  "epoch":"3f2a...","data":{...}}
 //! ```
 //!
 //! Two extension attributes carry what exactly-once, in-order delivery needs: `stream`
 //! names the producer's stream and `sequence` is the event's position in it (1, 2, 3,
 //! ... with no gaps). `sequence` follows the CloudEvents sequence extension: a string
 //! whose lexical order is its numeric order, here 20 zero-padded decimal digits.
+//! A third, `epoch`, names the producer database's numbering (docs/recovery.md,
+//! "Producer identity"): sequence numbers of two epochs are never compared. Events
+//! written before epochs existed have none, and count in whatever epoch the consumer
+//! follows.
 
 use serde::{Deserialize, Serialize};
 
@@ -44,6 +49,10 @@ pub struct CloudEvent<D = serde_json::Value> {
     pub stream: String,
     /// Extension: the position in the stream, 20 zero-padded digits.
     pub sequence: String,
+    /// Extension: the producer database's epoch (absent in events written before
+    /// epochs existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<String>,
     /// The event's payload.
     pub data: D,
 }
@@ -101,6 +110,9 @@ impl CloudEvent {
         protocol::validate_name(&event.source).map_err(|e| format!("source {e}"))?;
         protocol::validate_name(&event.stream).map_err(|e| format!("stream {e}"))?;
         protocol::validate_event_type(&event.event_type)?;
+        if let Some(epoch) = &event.epoch {
+            protocol::validate_name(epoch).map_err(|e| format!("epoch {e}"))?;
+        }
         let seq = event.seq()?;
         Ok((event, seq))
     }
@@ -121,6 +133,7 @@ mod tests {
             datacontenttype: CONTENT_TYPE.into(),
             stream: "users".into(),
             sequence: format_sequence(7),
+            epoch: Some("0a1b".into()),
             data: serde_json::json!({"name": "Ada"}),
         }
     }
@@ -158,6 +171,7 @@ mod tests {
             ),
             (changed(|e| e.stream = "a/b".into()), "stream"),
             (changed(|e| e.event_type = "a b".into()), "event type"),
+            (changed(|e| e.epoch = Some("A/B".into())), "epoch"),
         ];
         for (bytes, want) in cases {
             let err = CloudEvent::parse(&bytes).unwrap_err();

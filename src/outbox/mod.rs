@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use crate::clock::{ms_since_epoch, now_ms};
 use crate::config::Config;
-use crate::protocol::{self, StreamHead, Topics};
+use crate::protocol::{self, HeadAnnouncement, StreamHead, Topics};
 use crate::storage::DbError;
 use envelope::CloudEvent;
 
@@ -167,6 +167,9 @@ impl Outbox {
             )?
             .query_row([event.stream], |r| r.get(0))?;
         let seq = seq as u64;
+        let epoch: String = tx
+            .prepare_cached("SELECT epoch FROM outbox_epoch WHERE id = 1")?
+            .query_row([], |r| r.get(0))?;
         // One reading of the clock for the row and the envelope.
         let now = std::time::SystemTime::now();
         let event_id = uuid::Uuid::now_v7().to_string();
@@ -180,6 +183,7 @@ impl Outbox {
             datacontenttype: envelope::CONTENT_TYPE.into(),
             stream: event.stream.into(),
             sequence: envelope::format_sequence(seq),
+            epoch: Some(epoch),
             data: event.data,
         };
         let payload = serde_json::to_vec(&envelope)?;
@@ -314,13 +318,14 @@ pub fn reset_for_replay(tx: &Transaction, stream: &str, from_seq: u64) -> Result
     Ok(n)
 }
 
-/// Every stream's head: what has been published without a hole, and the lowest
-/// sequence number still held.
+/// Every stream's head: what has been published without a hole, the lowest sequence
+/// number still held, the last one enqueued and the epoch's base.
 pub fn heads(conn: &Connection) -> Result<BTreeMap<String, StreamHead>, DbError> {
     let mut stmt = conn.prepare_cached(
         "SELECT s.stream, s.last_seq,
                 (SELECT MIN(o.seq) FROM outbox o WHERE o.stream = s.stream AND o.published_at_ms IS NULL),
-                (SELECT MIN(o.seq) FROM outbox o WHERE o.stream = s.stream)
+                (SELECT MIN(o.seq) FROM outbox o WHERE o.stream = s.stream),
+                s.epoch_base
          FROM outbox_streams s",
     )?;
     let heads = stmt
@@ -333,11 +338,251 @@ pub fn heads(conn: &Connection) -> Result<BTreeMap<String, StreamHead>, DbError>
                 StreamHead {
                     head: min_pending.map_or(last, |p| p - 1) as u64,
                     first: first.unwrap_or(last + 1) as u64,
+                    last: last as u64,
+                    base: r.get::<_, i64>(4)? as u64,
                 },
             ))
         })?
         .collect::<Result<BTreeMap<_, _>, _>>()?;
     Ok(heads)
+}
+
+/// The head announcement of the producer `source`: its epoch and every stream's head.
+pub fn announcement(conn: &Connection, source: &str) -> Result<HeadAnnouncement, DbError> {
+    let epoch = epoch(conn)?;
+    Ok(HeadAnnouncement {
+        source: source.to_owned(),
+        epoch: Some(epoch.epoch),
+        previous: epoch.previous,
+        streams: heads(conn)?,
+    })
+}
+
+/// A producer database's identity (see `schema/core/0002_producer_epochs.sql`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Epoch {
+    /// The epoch every event enqueued now carries.
+    pub epoch: String,
+    /// The epoch it continues, if any.
+    pub previous: Option<String>,
+    /// Why it began: `created`, `rewound` or `restored`.
+    pub reason: String,
+    /// When it began, in ms since the Unix epoch.
+    pub started_at_ms: i64,
+}
+
+/// This database's epoch.
+pub fn epoch(conn: &Connection) -> Result<Epoch, DbError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT epoch, previous, reason, started_at_ms FROM outbox_epoch WHERE id = 1",
+        )?
+        .query_row([], |r| {
+            Ok(Epoch {
+                epoch: r.get(0)?,
+                previous: r.get(1)?,
+                reason: r.get(2)?,
+                started_at_ms: r.get(3)?,
+            })
+        })?)
+}
+
+/// Why a new epoch begins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EpochReason {
+    /// A consumer had applied more of this epoch than the database holds: the
+    /// database was restored from an older backup (or its file replaced by an older
+    /// copy) and is writing numbers that consumers saw with other events.
+    Rewound,
+    /// An operator said so (`edge-outbox mark-restored`) after restoring a backup.
+    Restored,
+}
+
+impl EpochReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            EpochReason::Rewound => "rewound",
+            EpochReason::Restored => "restored",
+        }
+    }
+}
+
+/// What [`start_new_epoch`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EpochChange {
+    /// The epoch that ended.
+    pub from: String,
+    /// The epoch that began.
+    pub to: String,
+    /// Rows written since the database was opened, now carrying the new epoch and set
+    /// back to pending so that they are published again.
+    pub restamped: usize,
+}
+
+/// Begins a new epoch. It shares with the old one what the database held when this
+/// process opened it (`run_base`): events written since then carry numbers that
+/// consumers may have seen with other events, so they are published again. Every
+/// envelope is rewritten to carry the new epoch, in one transaction (a rare event; it
+/// holds the writer for about as long as reading and writing the outbox once). Consumers follow the change at the
+/// next head announcement (docs/recovery.md, "Producer identity"). Recorded positions
+/// are lowered to the base, so that retention keeps what consumers will ask for.
+///
+/// The base never lies below the events older than half of `retention_ms`: consumers
+/// recognise events they applied before by the id in their inbox, which keeps it for
+/// `--retention-ms` after applying; older events are taken as shared.
+pub fn start_new_epoch(
+    tx: &Transaction,
+    reason: EpochReason,
+    retention_ms: u64,
+) -> Result<EpochChange, DbError> {
+    let from = epoch(tx)?.epoch;
+    let to: String = tx.query_row(
+        "UPDATE outbox_epoch SET previous = epoch, epoch = lower(hex(randomblob(16))),
+                reason = ?1, started_at_ms = ?2
+         WHERE id = 1 RETURNING epoch",
+        params![reason.as_str(), now_ms()],
+        |r| r.get(0),
+    )?;
+    let shared_before = now_ms().saturating_sub((retention_ms / 2) as i64);
+    tx.execute(
+        "UPDATE outbox_streams SET run_base = MIN(last_seq, MAX(run_base,
+             COALESCE((SELECT MAX(o.seq) FROM outbox o
+                       WHERE o.stream = outbox_streams.stream AND o.created_at_ms < ?1), 0),
+             COALESCE((SELECT MIN(o.seq) FROM outbox o WHERE o.stream = outbox_streams.stream),
+                      last_seq + 1) - 1))",
+        [shared_before],
+    )?;
+    tx.execute("UPDATE outbox_streams SET epoch_base = run_base", [])?;
+    // Every row carries the new epoch (those up to the base are shared, and consumers
+    // ask for them in the new epoch); those after it are published again.
+    let rows: Vec<(i64, Vec<u8>, bool, bool)> = tx
+        .prepare(
+            "SELECT o.id, o.payload, o.published_at_ms IS NULL AND o.replayed = 0, o.seq > s.run_base
+             FROM outbox o JOIN outbox_streams s ON s.stream = o.stream ORDER BY o.id",
+        )?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut backlog_bytes_delta: i64 = 0;
+    let mut restamped_rows = 0;
+    let mut update = tx.prepare(
+        "UPDATE outbox SET payload = ?2,
+                replayed = CASE WHEN ?3 AND published_at_ms IS NOT NULL THEN 1 ELSE replayed END,
+                published_at_ms = CASE WHEN ?3 THEN NULL ELSE published_at_ms END
+         WHERE id = ?1",
+    )?;
+    for (id, payload, in_backlog, again) in &rows {
+        // A row that is not an envelope (a damaged database) goes out as it is: the
+        // consumers dead-letter it, which says more than stopping here would.
+        let restamped = restamp(payload, &to).unwrap_or_else(|_| payload.clone());
+        if *in_backlog {
+            backlog_bytes_delta += restamped.len() as i64 - payload.len() as i64;
+        }
+        restamped_rows += usize::from(*again);
+        update.execute(params![id, restamped, again])?;
+    }
+    tx.execute(
+        "UPDATE outbox_backlog SET bytes = MAX(0, bytes + ?1) WHERE id = 1",
+        [backlog_bytes_delta],
+    )?;
+    tx.execute(
+        "UPDATE consumer_positions SET position = MIN(position,
+             (SELECT s.epoch_base FROM outbox_streams s WHERE s.stream = consumer_positions.stream))",
+        [],
+    )?;
+    Ok(EpochChange {
+        from,
+        to,
+        restamped: restamped_rows,
+    })
+}
+
+/// The envelope `payload` with its `epoch` set to `epoch`.
+fn restamp(payload: &[u8], epoch: &str) -> Result<Vec<u8>, serde_json::Error> {
+    let mut value: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(payload)?;
+    value.insert("epoch".into(), epoch.into());
+    serde_json::to_vec(&value)
+}
+
+/// What a position report told a producer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReportOutcome {
+    /// Recorded for retention (as far as [`record_position`] takes it).
+    Recorded,
+    /// Counted in another epoch than this database's: not recorded.
+    OtherEpoch,
+    /// The consumer has applied more of this epoch than this database holds: a new
+    /// epoch began.
+    Rewound {
+        /// The stream that showed it.
+        stream: String,
+        /// The consumer's position in it.
+        position: u64,
+        /// The last sequence number this database holds in it.
+        last: u64,
+        /// The new epoch.
+        change: EpochChange,
+    },
+}
+
+/// Takes a consumer's report: when it counts in this database's epoch and shows a
+/// position beyond a stream's last sequence number, or a divergence that this
+/// database's own row confirms (the consumer applied another event at that number),
+/// the database was rewound and a new epoch begins ([`start_new_epoch`]); otherwise, when `record` is set, its positions
+/// are recorded for retention. A report without an epoch (an older consumer) counts in
+/// the current one.
+pub fn take_report(
+    tx: &Transaction,
+    report: &protocol::PositionReport,
+    record: bool,
+    retention_ms: u64,
+) -> Result<ReportOutcome, DbError> {
+    let current = epoch(tx)?.epoch;
+    match &report.epoch {
+        Some(e) if *e != current => return Ok(ReportOutcome::OtherEpoch),
+        Some(_) => {
+            let mut rewound = None;
+            for (stream, &position) in &report.positions {
+                let last = last_seq(tx, stream)?.unwrap_or(0);
+                if position > last {
+                    rewound = Some((stream.clone(), position, last));
+                    break;
+                }
+            }
+            // A consumer applied another event at a number this database holds: checked
+            // against the row itself, so that nobody can claim it of a real event.
+            for (stream, d) in &report.diverged {
+                if rewound.is_some() {
+                    break;
+                }
+                let here: Option<String> = tx
+                    .prepare_cached("SELECT event_id FROM outbox WHERE stream = ?1 AND seq = ?2")?
+                    .query_row(params![stream, d.seq.min(protocol::SEQ_MAX) as i64], |r| {
+                        r.get(0)
+                    })
+                    .optional()?;
+                if here.is_some_and(|id| id != d.applied_id) {
+                    let last = last_seq(tx, stream)?.unwrap_or(0);
+                    rewound = Some((stream.clone(), d.seq, last));
+                }
+            }
+            if let Some((stream, position, last)) = rewound {
+                let change = start_new_epoch(tx, EpochReason::Rewound, retention_ms)?;
+                return Ok(ReportOutcome::Rewound {
+                    stream,
+                    position,
+                    last,
+                    change,
+                });
+            }
+        }
+        None => {}
+    }
+    if record {
+        for (stream, position) in &report.positions {
+            record_position(tx, &report.consumer, stream, *position)?;
+        }
+    }
+    Ok(ReportOutcome::Recorded)
 }
 
 /// Records what a consumer reported it has applied, as retention must see it: only for

@@ -29,7 +29,7 @@ pub mod probe;
 use correlation::Correlator;
 use probe::Probe;
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -44,7 +44,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError};
 use crate::outbox::{self, PendingRow};
-use crate::protocol::{self, HeadAnnouncement, PositionReport, ReplayRequest, StreamHead, Topics};
+use crate::protocol::{self, HeadAnnouncement, PositionReport, ReplayRequest, Topics};
 use crate::retry::{
     short_connections_hint, truncated, Backoff, Connections, LogLimiter, LOG_DETAIL_MAX_CHARS,
 };
@@ -115,6 +115,8 @@ pub struct RelayStatus {
     connection_error: Note,
     /// The broker answered CONNECT with a refusal (bad credentials, not authorised).
     connect_refused: AtomicBool,
+    epoch: Note,
+    epoch_changes: AtomicU64,
 }
 
 impl RelayStatus {
@@ -145,6 +147,15 @@ impl RelayStatus {
     /// password, not authorised): a setting to fix, not an outage to wait out.
     pub fn connect_refused(&self) -> bool {
         self.connect_refused.load(Ordering::Relaxed)
+    }
+    /// The epoch of the last head announcement, once one was built.
+    pub fn epoch(&self) -> Option<String> {
+        self.epoch.get()
+    }
+    /// New epochs begun since the relay started because the database was found
+    /// rewound (see [`outbox::start_new_epoch`]).
+    pub fn epoch_changes(&self) -> u64 {
+        self.epoch_changes.load(Ordering::Relaxed)
     }
 }
 
@@ -184,14 +195,17 @@ type MarkResult = (Vec<i64>, Result<usize, DbError>);
 /// Results of work done off the relay task.
 enum Side {
     DataVersion(Result<i64, DbError>),
-    Heads(Result<BTreeMap<String, StreamHead>, DbError>),
+    Heads(Result<HeadAnnouncement, DbError>),
     Replayed {
         stream: String,
         from_seq: u64,
         result: Result<usize, DbError>,
     },
     Pruned(Result<usize, DbError>),
-    Recorded(Result<(), DbError>),
+    Recorded {
+        consumer: String,
+        result: Result<outbox::ReportOutcome, DbError>,
+    },
 }
 
 /// The relay task's state between events.
@@ -602,8 +616,10 @@ impl Relay {
                     }
                     let tx = side_tx.clone();
                     let db = self.db.clone();
+                    let announcer = source.to_owned();
                     tokio::spawn(async move {
-                        let _ = tx.send(Side::Heads(db.read(outbox::heads).await)).await;
+                        let heads = db.read(move |c| outbox::announcement(c, &announcer)).await;
+                        let _ = tx.send(Side::Heads(heads)).await;
                     });
                 }
                 _ = retention_tick.tick(), if drain_deadline.is_none() => {
@@ -621,9 +637,11 @@ impl Relay {
                         }
                         st.last_data_version = Some(v);
                     }
-                    Side::Heads(Ok(streams)) => {
-                        if st.connected && !streams.is_empty() {
-                            let msg = HeadAnnouncement { source: source.to_owned(), streams };
+                    Side::Heads(Ok(msg)) => {
+                        if let Some(epoch) = &msg.epoch {
+                            self.status.epoch.set(Some(epoch.clone()));
+                        }
+                        if st.connected && !msg.streams.is_empty() {
                             let payload = serde_json::to_vec(&msg).expect("head announcements serialise");
                             st.correlator.queued(None);
                             if client.try_publish(heads_topic.clone(), QoS::AtLeastOnce, true, payload).is_err() {
@@ -643,7 +661,19 @@ impl Relay {
                             tracing::info!(rows, "retention deleted old published outbox rows");
                         }
                     }
-                    Side::Recorded(Ok(())) => {}
+                    Side::Recorded { result: Ok(outbox::ReportOutcome::Rewound { stream, position, last, change }), consumer } => {
+                        tracing::error!(
+                            consumer = %consumer, stream = %stream, position, last,
+                            from_epoch = %change.from, to_epoch = %change.to, restamped = change.restamped,
+                            "this database was rewound (restored from an older backup?): a consumer has applied more of its epoch than it holds; \
+                             a new epoch began, and the events written since it was opened are published again in it (docs/recovery.md)"
+                        );
+                        self.status.epoch_changes.fetch_add(1, Ordering::Relaxed);
+                        self.status.epoch.set(Some(change.to));
+                        st.rewind();
+                        heads_tick.reset_immediately();
+                    }
+                    Side::Recorded { result: Ok(_), .. } => {}
                     Side::Replayed { stream, result: Err(e), .. } => {
                         st.replaying.remove(&stream);
                         if let Some(suppressed) = db_log.allow() {
@@ -651,7 +681,7 @@ impl Relay {
                         }
                     }
                     Side::DataVersion(Err(e)) | Side::Heads(Err(e))
-                    | Side::Pruned(Err(e)) | Side::Recorded(Err(e)) => {
+                    | Side::Pruned(Err(e)) | Side::Recorded { result: Err(e), .. } => {
                         if let Some(suppressed) = db_log.allow() {
                             tracing::error!(error = %e, suppressed, "relay database task failed");
                         }
@@ -821,13 +851,6 @@ impl Relay {
         payload: &[u8],
         side: &mpsc::Sender<Side>,
     ) {
-        if retained {
-            // Delivered because this relay just subscribed: it may be the last word of a
-            // consumer that is gone, and taking it would keep that consumer alive (and
-            // retention held back) at every reconnect. Live consumers report again soon.
-            tracing::debug!(consumer = %truncated(consumer, 64), "ignoring a retained position report");
-            return;
-        }
         let report: PositionReport = match protocol::parse_control(payload) {
             Ok(r) => r,
             Err(e) => {
@@ -861,17 +884,19 @@ impl Relay {
             side.clone(),
             self.report_writes.clone(),
         );
+        let consumer = report.consumer.clone();
+        let retention_ms = self.config.retention_ms;
         tokio::spawn(async move {
+            // A retained report (delivered because this relay just subscribed) may be
+            // the last word of a consumer that is gone: recording it would keep that
+            // consumer alive, and retention held back, at every reconnect; live
+            // consumers report again soon. It still tells whether this database was
+            // rewound: what that consumer applied, it applied.
             let result = writer
-                .write(move |t| {
-                    for (stream, position) in &report.positions {
-                        outbox::record_position(t, &report.consumer, stream, *position)?;
-                    }
-                    Ok(())
-                })
+                .write(move |t| outbox::take_report(t, &report, !retained, retention_ms))
                 .await;
             writes.fetch_sub(1, Ordering::AcqRel);
-            let _ = tx.send(Side::Recorded(result)).await;
+            let _ = tx.send(Side::Recorded { consumer, result }).await;
         });
     }
 }

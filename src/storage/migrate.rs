@@ -33,11 +33,18 @@ pub struct Schema {
 /// The outbox, inbox and dead-letter tables every service database holds.
 pub(crate) const CORE_SCHEMA: Schema = Schema {
     component: "edge_outbox",
-    migrations: &[Migration {
-        version: 1,
-        name: "0001_outbox_inbox.sql",
-        sql: include_str!("../../schema/core/0001_outbox_inbox.sql"),
-    }],
+    migrations: &[
+        Migration {
+            version: 1,
+            name: "0001_outbox_inbox.sql",
+            sql: include_str!("../../schema/core/0001_outbox_inbox.sql"),
+        },
+        Migration {
+            version: 2,
+            name: "0002_producer_epochs.sql",
+            sql: include_str!("../../schema/core/0002_producer_epochs.sql"),
+        },
+    ],
 };
 
 /// Applies the migrations of `schema` that this database lacks, each in its own

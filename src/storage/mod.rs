@@ -144,6 +144,13 @@ impl Database {
         for schema in schemas {
             migrate::migrate(&mut conn, &path, schema)?;
         }
+        // A run of the producer begins: what the database holds now is what it shares
+        // with whatever consumers saw, should it turn out to have been rewound
+        // (outbox::start_new_epoch).
+        conn.execute(
+            "UPDATE outbox_streams SET run_base = last_seq WHERE run_base != last_seq",
+            [],
+        )?;
 
         let busy_timeout_ms = opts.busy_timeout_ms;
         let manager = SqliteConnectionManager::file(&path)
