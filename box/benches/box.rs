@@ -783,7 +783,7 @@ fn percentiles(v: &mut [f64]) -> (f64, f64) {
 fn latency_and_idle(broker: &Broker, dir: &Path, secs: u64) -> (String, String) {
     let services = Services::start(broker, dir, "latency", &[]);
     let prefix = format!("bench-{}-latency", std::process::id());
-    let seen: Arc<Mutex<HashMap<(bool, i64), Instant>>> = Arc::default();
+    let seen: Arc<Mutex<HashMap<(bool, String), Instant>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let subscriber = {
         let (seen, stop, host, port) =
@@ -808,11 +808,11 @@ fn latency_and_idle(broker: &Broker, dir: &Path, secs: u64) -> (String, String) 
                         let e: Value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
                         let welcome = e["type"] == "transaction.created";
                         let user = if welcome {
-                            e["data"]["user_id"].as_i64()
+                            e["data"]["user_id"].as_str()
                         } else {
-                            e["data"]["id"].as_i64()
+                            e["data"]["id"].as_str()
                         };
-                        if let Some(user) = user {
+                        if let Some(user) = user.map(str::to_owned) {
                             seen.lock().unwrap().insert((welcome, user), now);
                         }
                     }
@@ -821,7 +821,7 @@ fn latency_and_idle(broker: &Broker, dir: &Path, secs: u64) -> (String, String) 
         })
     };
     std::thread::sleep(Duration::from_millis(300));
-    let sent: Arc<Mutex<Vec<(i64, Instant)>>> = Arc::default();
+    let sent: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
     let threads = 16;
     let total = 1_000 * secs as usize / threads * threads;
     let start = Instant::now() + Duration::from_millis(100);
@@ -846,7 +846,7 @@ fn latency_and_idle(broker: &Broker, dir: &Path, secs: u64) -> (String, String) 
                         .unwrap();
                     sent.lock()
                         .unwrap()
-                        .push((res["id"].as_i64().unwrap(), Instant::now()));
+                        .push((res["id"].as_str().unwrap().to_owned(), Instant::now()));
                 }
             });
         }
@@ -861,11 +861,11 @@ fn latency_and_idle(broker: &Broker, dir: &Path, secs: u64) -> (String, String) 
     for (id, t201) in sent.lock().unwrap().iter() {
         let since = |at: &Instant| at.saturating_duration_since(*t201).as_micros() as f64;
         published.push(since(
-            seen.get(&(false, *id))
+            seen.get(&(false, id.clone()))
                 .expect("every user.created seen on the broker"),
         ));
         applied.push(since(
-            seen.get(&(true, *id))
+            seen.get(&(true, id.clone()))
                 .expect("every welcome credit seen on the broker"),
         ));
     }

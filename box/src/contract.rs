@@ -3,6 +3,7 @@
 //! neither imports the other, so a change to an event is made here, once, for its
 //! producer and its consumer together. docs/events.md describes the same on the wire.
 
+use rusqlite::types::{FromSql, FromSqlResult, ToSql, ToSqlOutput, ValueRef};
 use serde::{Deserialize, Serialize};
 
 /// user-service's default `--source`: the CloudEvents `source` of its events, a level
@@ -23,12 +24,90 @@ pub const TRANSACTIONS_STREAM: &str = "transactions";
 /// [`LedgerEntry`], read by consumers as a [`TransactionCreated`].
 pub const TRANSACTION_CREATED: &str = "transaction.created";
 
+/// A user's id, as both services and their events know it: a UUIDv7 in canonical
+/// lowercase form (`0193a1b2-...`). Users created before UUID ids keep their decimal
+/// id as a string ("42"). A UUID, unlike a counter, is never handed out twice: a
+/// user-service restored from an older backup, or started on an empty database, can
+/// never give a new user the id of one that transaction-service already knows.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct UserId(String);
+
+impl UserId {
+    /// A new id.
+    pub fn generate() -> UserId {
+        UserId(uuid::Uuid::now_v7().hyphenated().to_string())
+    }
+
+    /// Checks one spelling of an id: a canonical lowercase UUID, or a decimal number
+    /// without sign or leading zeros (the ids of users created before UUIDs).
+    pub fn parse(s: &str) -> Result<UserId, String> {
+        let decimal = !s.is_empty()
+            && s.len() <= 19
+            && s.bytes().all(|b| b.is_ascii_digit())
+            && !s.starts_with('0');
+        let uuid = uuid::Uuid::try_parse(s)
+            .is_ok_and(|u| s.len() == 36 && u.hyphenated().to_string() == s);
+        if decimal || uuid {
+            Ok(UserId(s.to_owned()))
+        } else {
+            Err(format!(
+                "{:?} is not a user id: ids are lowercase UUIDs such as 0193a1b2-7c4d-7e8f-9a0b-1c2d3e4f5a6b",
+                s.chars().take(64).collect::<String>()
+            ))
+        }
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for UserId {
+    type Error = String;
+    fn try_from(s: String) -> Result<UserId, String> {
+        UserId::parse(&s)
+    }
+}
+
+impl From<UserId> for String {
+    fn from(id: UserId) -> String {
+        id.0
+    }
+}
+
+impl std::fmt::Display for UserId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::str::FromStr for UserId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<UserId, String> {
+        UserId::parse(s)
+    }
+}
+
+impl ToSql for UserId {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        self.0.to_sql()
+    }
+}
+
+impl FromSql for UserId {
+    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+        String::column_result(value).map(UserId)
+    }
+}
+
 /// A user: the data of `user.created` (as it was created), and what `GET /users/{id}`
 /// shows (with its current balance).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct User {
-    /// user-service's id of the user.
-    pub id: i64,
+    /// The user's id.
+    pub id: UserId,
     /// The trimmed name.
     pub name: String,
     /// The trimmed email, unique among users.
@@ -44,8 +123,8 @@ pub struct User {
 pub struct LedgerEntry {
     /// transaction-service's id of the entry.
     pub id: i64,
-    /// The user it belongs to (user-service's id).
-    pub user_id: i64,
+    /// The user it belongs to.
+    pub user_id: UserId,
     /// Always positive; `kind` says which way it moves the balance.
     pub amount_cents: i64,
     /// "credit" or "debit".
@@ -64,7 +143,7 @@ pub struct LedgerEntry {
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 pub struct UserCreated {
     /// [`User::id`].
-    pub id: i64,
+    pub id: UserId,
     /// [`User::name`].
     pub name: String,
     /// [`User::email`].
@@ -78,9 +157,41 @@ pub struct TransactionCreated {
     /// [`LedgerEntry::id`].
     pub id: i64,
     /// [`LedgerEntry::user_id`].
-    pub user_id: i64,
+    pub user_id: UserId,
     /// [`LedgerEntry::amount_cents`].
     pub amount_cents: i64,
     /// [`LedgerEntry::kind`]: "credit" or "debit".
     pub kind: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_ids_have_one_spelling() {
+        let id = UserId::generate();
+        assert_eq!(UserId::parse(id.as_str()), Ok(id.clone()));
+        assert_eq!(UserId::parse("42").unwrap().as_str(), "42");
+        for bad in [
+            "",
+            "0",
+            "042",
+            "+42",
+            "-1",
+            "forty-two",
+            &id.as_str().to_uppercase(),
+            &id.as_str().replace('-', ""),
+            &format!("{{{id}}}"),
+            "99999999999999999999",
+        ] {
+            assert!(UserId::parse(bad).is_err(), "{bad:?}");
+        }
+        let json = serde_json::to_string(&id).unwrap();
+        assert_eq!(json, format!("\"{id}\""));
+        assert!(
+            serde_json::from_str::<UserId>("42").is_err(),
+            "a number is not an id"
+        );
+    }
 }

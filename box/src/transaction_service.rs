@@ -18,7 +18,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::contract::{
-    LedgerEntry, UserCreated, TRANSACTIONS_STREAM, TRANSACTION_CREATED, USERS_STREAM, USER_CREATED,
+    LedgerEntry, UserCreated, UserId, TRANSACTIONS_STREAM, TRANSACTION_CREATED, USERS_STREAM,
+    USER_CREATED,
 };
 use crate::service::http::{next_after, page, ApiError, AppJson, AppPath, AppQuery};
 use crate::service::idempotency::{self, IdempotencyKey};
@@ -31,11 +32,18 @@ use edge_outbox::StreamKey;
 
 pub const SCHEMA: Schema = Schema {
     component: "transaction_service",
-    migrations: &[Migration {
-        version: 1,
-        name: "0001_ledger.sql",
-        sql: include_str!("../schema/transaction-service/0001_ledger.sql"),
-    }],
+    migrations: &[
+        Migration {
+            version: 1,
+            name: "0001_ledger.sql",
+            sql: include_str!("../schema/transaction-service/0001_ledger.sql"),
+        },
+        Migration {
+            version: 2,
+            name: "0002_text_user_ids.sql",
+            sql: include_str!("../schema/transaction-service/0002_text_user_ids.sql"),
+        },
+    ],
 };
 
 /// Largest amount of one transaction, in cents (ten million in currency units).
@@ -119,7 +127,7 @@ fn entry_from(r: &Row<'_>) -> rusqlite::Result<LedgerEntry> {
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct NewTransaction {
-    pub user_id: i64,
+    pub user_id: UserId,
     pub amount_cents: i64,
     pub kind: Kind,
     #[serde(default)]
@@ -128,12 +136,6 @@ pub struct NewTransaction {
 
 /// Checks a new transaction; returns its trimmed description.
 pub fn validate(t: &NewTransaction) -> Result<Option<String>, ApiError> {
-    if t.user_id <= 0 {
-        return Err(ApiError::invalid(
-            "user_id",
-            "user_id must be a positive integer",
-        ));
-    }
     if !(1..=AMOUNT_MAX_CENTS).contains(&t.amount_cents) {
         return Err(ApiError::invalid(
             "amount_cents",
@@ -159,7 +161,7 @@ pub fn validate(t: &NewTransaction) -> Result<Option<String>, ApiError> {
 fn record(
     tx: &Transaction,
     outbox: &Outbox,
-    user_id: i64,
+    user_id: UserId,
     amount_cents: i64,
     kind: Kind,
     description: Option<String>,
@@ -170,7 +172,7 @@ fn record(
         .execute(params![user_id, amount_cents, kind.as_str(), description, welcome as i64, created_at])?;
     let entry = LedgerEntry {
         id: tx.last_insert_rowid(),
-        user_id,
+        user_id: user_id.clone(),
         amount_cents,
         kind: kind.as_str().into(),
         description,
@@ -196,17 +198,17 @@ fn record(
             data: &entry,
         },
     )?;
-    tracing::info!(transaction_id = entry.id, user_id, event_id = %event.event_id, seq = event.seq, welcome, "transaction recorded");
+    tracing::info!(transaction_id = entry.id, %user_id, event_id = %event.event_id, seq = event.seq, welcome, "transaction recorded");
     Ok(entry)
 }
 
-fn known_balance(tx: &rusqlite::Connection, user_id: i64) -> rusqlite::Result<Option<i64>> {
+fn known_balance(tx: &rusqlite::Connection, user_id: &UserId) -> rusqlite::Result<Option<i64>> {
     tx.prepare_cached("SELECT balance_cents FROM known_users WHERE user_id = ?1")?
         .query_row([user_id], |r| r.get(0))
         .optional()
 }
 
-fn unknown_user(user_id: i64) -> ApiError {
+fn unknown_user(user_id: &UserId) -> ApiError {
     ApiError::not_found(format!(
         "user {user_id} is not known to transaction-service; if it was just created, user-service's user.created event may not have arrived yet: retry shortly"
     ))
@@ -222,8 +224,8 @@ async fn create_transaction(
     let request = idempotency::fingerprint("POST /transactions", &input);
     let (user_id, amount_cents, kind) = (input.user_id, input.amount_cents, input.kind);
     let (status, body) = idempotency::write_once(&state.db, key, request, move |tx| {
-        let balance = known_balance(tx, user_id)?
-            .ok_or_else(|| unknown_user(user_id).with_field("user_id"))?;
+        let balance = known_balance(tx, &user_id)?
+            .ok_or_else(|| unknown_user(&user_id).with_field("user_id"))?;
         if kind == Kind::Debit && amount_cents > balance {
             return Err(ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -248,7 +250,7 @@ async fn create_transaction(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ListQuery {
-    user_id: Option<i64>,
+    user_id: Option<UserId>,
     limit: Option<u32>,
     after: Option<i64>,
 }
@@ -277,13 +279,11 @@ async fn list_transactions(
 
 async fn balance(
     State(state): State<AppState>,
-    AppPath(user_id): AppPath<i64>,
+    AppPath(user_id): AppPath<UserId>,
 ) -> Result<Json<Value>, ApiError> {
-    let balance = state
-        .db
-        .read(move |c| Ok(known_balance(c, user_id)?))
-        .await?;
-    let balance_cents = balance.ok_or_else(|| unknown_user(user_id))?;
+    let id = user_id.clone();
+    let balance = state.db.read(move |c| Ok(known_balance(c, &id)?)).await?;
+    let balance_cents = balance.ok_or_else(|| unknown_user(&user_id))?;
     Ok(Json(
         json!({ "user_id": user_id, "balance_cents": balance_cents }),
     ))
@@ -300,22 +300,16 @@ fn apply_user_created(
 ) -> Result<(), HandlerError> {
     let u: UserCreated = serde_json::from_value(event.data.clone())
         .map_err(|e| HandlerError::Permanent(format!("bad user.created data: {e}")))?;
-    if u.id <= 0 {
-        return Err(HandlerError::Permanent(format!(
-            "user.created has invalid id {}",
-            u.id
-        )));
-    }
     let now = edge_outbox::clock::now_ms();
     let new = tx
         .prepare_cached("INSERT INTO known_users (user_id, name, email, balance_cents, seen_at_ms) VALUES (?1, ?2, ?3, 0, ?4) ON CONFLICT (user_id) DO NOTHING")?
         .execute(params![u.id, u.name, u.email, now])?;
-    tracing::info!(event_id = %event.id, seq = %event.sequence, user_id = u.id, new = new == 1, "user seen");
+    tracing::info!(event_id = %event.id, seq = %event.sequence, user_id = %u.id, new = new == 1, "user seen");
     let has_welcome: bool = tx
         .prepare_cached(
             "SELECT EXISTS (SELECT 1 FROM transactions WHERE user_id = ?1 AND welcome = 1)",
         )?
-        .query_row([u.id], |r| r.get(0))?;
+        .query_row([&u.id], |r| r.get(0))?;
     if welcome_credit_cents > 0 && !has_welcome {
         record(
             tx,
@@ -336,7 +330,7 @@ mod tests {
 
     fn t(amount_cents: i64, description: Option<&str>) -> NewTransaction {
         NewTransaction {
-            user_id: 1,
+            user_id: UserId::parse("1").unwrap(),
             amount_cents,
             kind: Kind::Credit,
             description: description.map(Into::into),

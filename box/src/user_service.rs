@@ -16,9 +16,10 @@ use serde_json::{json, Value};
 use edge_outbox::{CloudEvent, HandlerError, Handlers, Migration, NewEvent, Schema, StreamKey};
 
 use crate::contract::{
-    TransactionCreated, User, TRANSACTIONS_STREAM, TRANSACTION_CREATED, USERS_STREAM, USER_CREATED,
+    TransactionCreated, User, UserId, TRANSACTIONS_STREAM, TRANSACTION_CREATED, USERS_STREAM,
+    USER_CREATED,
 };
-use crate::service::http::{next_after, page, ApiError, AppJson, AppPath, AppQuery};
+use crate::service::http::{page, ApiError, AppJson, AppPath, AppQuery};
 use crate::service::idempotency::{self, IdempotencyKey};
 use crate::service::{AppState, Spec};
 
@@ -34,6 +35,11 @@ pub const SCHEMA: Schema = Schema {
             version: 2,
             name: "0002_email_key.sql",
             sql: include_str!("../schema/user-service/0002_email_key.sql"),
+        },
+        Migration {
+            version: 3,
+            name: "0003_user_uuid.sql",
+            sql: include_str!("../schema/user-service/0003_user_uuid.sql"),
         },
     ],
 };
@@ -98,7 +104,7 @@ pub fn routes() -> Router<AppState> {
         .route("/users/{id}", get(get_user))
 }
 
-const USER_COLUMNS: &str = "id, name, email, balance_cents, created_at";
+const USER_COLUMNS: &str = "uid, name, email, balance_cents, created_at";
 
 fn user_from(r: &Row<'_>) -> rusqlite::Result<User> {
     Ok(User {
@@ -192,19 +198,20 @@ async fn create_user(
     let request = idempotency::fingerprint("POST /users", &input);
     let (status, body) = idempotency::write_once(&state.db, key, request, move |tx| {
         let created_at = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+        let id = UserId::generate();
         let inserted = tx
-            .prepare_cached("INSERT INTO users (name, email, email_key, balance_cents, created_at) VALUES (?1, ?2, ?3, 0, ?4)")?
-            .execute(params![name, email, email_key(&email), created_at]);
+            .prepare_cached("INSERT INTO users (uid, name, email, email_key, balance_cents, created_at) VALUES (?1, ?2, ?3, ?4, 0, ?5)")?
+            .execute(params![id, name, email, email_key(&email), created_at]);
         if let Err(e) = inserted {
             if e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation) {
                 return Err(ApiError::new(StatusCode::CONFLICT, "duplicate_email", format!("a user with email {email:?} already exists")).with_field("email"));
             }
             return Err(e.into());
         }
-        let user = User { id: tx.last_insert_rowid(), name, email, balance_cents: 0, created_at };
+        let user = User { id, name, email, balance_cents: 0, created_at };
         let subject = user.id.to_string();
         let event = outbox.enqueue(tx, NewEvent { stream: USERS_STREAM, event_type: USER_CREATED, subject: Some(&subject), data: &user })?;
-        tracing::info!(user_id = user.id, event_id = %event.event_id, seq = event.seq, "user created");
+        tracing::info!(user_id = %user.id, event_id = %event.event_id, seq = event.seq, "user created");
         Ok((StatusCode::CREATED, json!(user)))
     })
     .await?;
@@ -213,15 +220,16 @@ async fn create_user(
 
 async fn get_user(
     State(state): State<AppState>,
-    AppPath(id): AppPath<i64>,
+    AppPath(id): AppPath<UserId>,
 ) -> Result<Json<User>, ApiError> {
-    let user = state.db.read(move |c| Ok(find_user(c, id)?)).await?;
+    let key = id.clone();
+    let user = state.db.read(move |c| Ok(find_user(c, &key)?)).await?;
     user.map(Json)
         .ok_or_else(|| ApiError::not_found(format!("no user with id {id}")))
 }
 
-fn find_user(c: &Connection, id: i64) -> rusqlite::Result<Option<User>> {
-    c.prepare_cached(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = ?1"))?
+fn find_user(c: &Connection, id: &UserId) -> rusqlite::Result<Option<User>> {
+    c.prepare_cached(&format!("SELECT {USER_COLUMNS} FROM users WHERE uid = ?1"))?
         .query_row([id], user_from)
         .optional()
 }
@@ -230,27 +238,43 @@ fn find_user(c: &Connection, id: i64) -> rusqlite::Result<Option<User>> {
 #[serde(deny_unknown_fields)]
 struct ListQuery {
     limit: Option<u32>,
-    after: Option<i64>,
+    /// The id of the last user of the previous page.
+    after: Option<UserId>,
 }
 
 async fn list_users(
     State(state): State<AppState>,
     AppQuery(q): AppQuery<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let (limit, after) = page(q.limit, q.after)?;
+    let (limit, _) = page(q.limit, None)?;
+    let after = q.after;
     let users = state
         .db
         .read(move |c| {
+            // Users in the order they were created; `after` names the last one seen.
+            let row: Option<i64> = match &after {
+                None => Some(0),
+                Some(uid) => c
+                    .prepare_cached("SELECT id FROM users WHERE uid = ?1")?
+                    .query_row([uid], |r| r.get(0))
+                    .optional()?,
+            };
+            let Some(row) = row else {
+                return Ok(None);
+            };
             let mut stmt = c.prepare_cached(&format!(
                 "SELECT {USER_COLUMNS} FROM users WHERE id > ?1 ORDER BY id LIMIT ?2"
             ))?;
             let users = stmt
-                .query_map(params![after, limit], user_from)?
+                .query_map(params![row, limit], user_from)?
                 .collect::<Result<Vec<_>, _>>()?;
-            Ok(users)
+            Ok(Some(users))
         })
-        .await?;
-    let next_after = next_after(users.len(), limit, users.last().map(|x| x.id));
+        .await?
+        .ok_or_else(|| ApiError::invalid_query("after", "after names no user"))?;
+    let next_after = (users.len() == limit as usize)
+        .then(|| users.last().map(|u| u.id.clone()))
+        .flatten();
     Ok(Json(json!({ "users": users, "next_after": next_after })))
 }
 
@@ -269,7 +293,7 @@ fn apply_transaction(tx: &rusqlite::Transaction, event: &CloudEvent) -> Result<(
         }
     };
     let changed = tx
-        .prepare_cached("UPDATE users SET balance_cents = balance_cents + ?2 WHERE id = ?1")?
+        .prepare_cached("UPDATE users SET balance_cents = balance_cents + ?2 WHERE uid = ?1")?
         .execute(params![t.user_id, delta])?;
     if changed == 0 {
         return Err(HandlerError::Permanent(format!(
@@ -277,7 +301,7 @@ fn apply_transaction(tx: &rusqlite::Transaction, event: &CloudEvent) -> Result<(
             t.id, t.user_id
         )));
     }
-    tracing::info!(event_id = %event.id, seq = %event.sequence, user_id = t.user_id, delta, "balance updated");
+    tracing::info!(event_id = %event.id, seq = %event.sequence, user_id = %t.user_id, delta, "balance updated");
     Ok(())
 }
 

@@ -156,10 +156,14 @@ async fn creating_a_user_returns_201_and_enqueues_user_created_in_the_same_trans
     assert_eq!(event["event_type"], "user.created");
     assert_eq!(event["seq"], 1);
     assert_eq!(event["event"]["data"]["id"], user["id"]);
-    assert_eq!(event["event"]["subject"], user["id"].to_string());
-    let (status, fetched) = api
-        .call("GET", &format!("/users/{}", user["id"]), None, &[])
-        .await;
+    let id = user["id"].as_str().unwrap();
+    assert_eq!(
+        edge_box::contract::UserId::parse(id).map(|_| id.len()),
+        Ok(36),
+        "a UUID"
+    );
+    assert_eq!(event["event"]["subject"], id);
+    let (status, fetched) = api.call("GET", &format!("/users/{id}"), None, &[]).await;
     assert_eq!((status, fetched), (StatusCode::OK, user));
 }
 
@@ -353,26 +357,39 @@ async fn an_idempotency_key_replays_the_original_response_and_refuses_a_differen
 #[tokio::test]
 async fn users_are_listed_in_bounded_pages() {
     let api = users_api();
+    let mut created = Vec::new();
     for i in 0..5 {
-        api.create_user(&format!("U{i}"), &format!("u{i}@example.com"))
+        let user = api
+            .create_user(&format!("U{i}"), &format!("u{i}@example.com"))
             .await;
+        created.push(user["id"].as_str().unwrap().to_owned());
     }
     let (_, page1) = api.call("GET", "/users?limit=2", None, &[]).await;
     assert_eq!(page1["users"].as_array().unwrap().len(), 2);
-    assert_eq!(page1["next_after"], 2);
-    let (_, rest) = api.call("GET", "/users?limit=10&after=2", None, &[]).await;
-    let ids: Vec<i64> = rest["users"]
+    assert_eq!(page1["next_after"], created[1].as_str());
+    let (_, rest) = api
+        .call(
+            "GET",
+            &format!("/users?limit=10&after={}", created[1]),
+            None,
+            &[],
+        )
+        .await;
+    let ids: Vec<&str> = rest["users"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|u| u["id"].as_i64().unwrap())
+        .map(|u| u["id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids, vec![3, 4, 5]);
+    assert_eq!(ids, created[2..].to_vec(), "in the order they were created");
     assert_eq!(rest["next_after"], Value::Null);
+    let unknown = edge_box::contract::UserId::generate();
     for bad in [
         "/users?limit=501",
         "/users?limit=0",
         "/users?after=-1",
+        "/users?after=2x",
+        &format!("/users?after={unknown}"),
         "/users?limit=abc",
         "/users?sort=name",
     ] {
@@ -397,9 +414,9 @@ fn assert_refused_with_nothing_written(status: StatusCode, err: &Value, code: &s
 }
 
 /// A user transaction-service has learnt about, with a starting balance.
-fn seed_known_user(api: &Api, id: i64, balance: i64) {
+fn seed_known_user(api: &Api, id: &str, balance: i64) {
     support::inspect(&api.path)
-        .execute("INSERT INTO known_users (user_id, name, email, balance_cents, seen_at_ms) VALUES (?1, 'A', 'a@b.io', ?2, 0)", [id, balance])
+        .execute("INSERT INTO known_users (user_id, name, email, balance_cents, seen_at_ms) VALUES (?1, 'A', 'a@b.io', ?2, 0)", rusqlite::params![id, balance])
         .unwrap();
 }
 
@@ -409,7 +426,7 @@ async fn transactions_for_users_not_seen_yet_are_404_with_an_explanation() {
     let (status, err) = api
         .post(
             "/transactions",
-            r#"{"user_id":9,"amount_cents":5,"kind":"credit"}"#,
+            r#"{"user_id":"9","amount_cents":5,"kind":"credit"}"#,
         )
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
@@ -428,11 +445,11 @@ async fn transactions_for_users_not_seen_yet_are_404_with_an_explanation() {
 #[tokio::test]
 async fn credits_and_debits_move_the_balance_and_a_debit_beyond_it_is_refused() {
     let api = ledger_api();
-    seed_known_user(&api, 1, 100);
+    seed_known_user(&api, "1", 100);
     let (status, err) = api
         .post(
             "/transactions",
-            r#"{"user_id":1,"amount_cents":150,"kind":"debit"}"#,
+            r#"{"user_id":"1","amount_cents":150,"kind":"debit"}"#,
         )
         .await;
     assert_eq!(
@@ -448,7 +465,7 @@ async fn credits_and_debits_move_the_balance_and_a_debit_beyond_it_is_refused() 
     let (status, t) = api
         .post(
             "/transactions",
-            r#"{"user_id":1,"amount_cents":50,"kind":"credit","description":" top-up "}"#,
+            r#"{"user_id":"1","amount_cents":50,"kind":"credit","description":" top-up "}"#,
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{t}");
@@ -459,12 +476,12 @@ async fn credits_and_debits_move_the_balance_and_a_debit_beyond_it_is_refused() 
     let (status, _) = api
         .post(
             "/transactions",
-            r#"{"user_id":1,"amount_cents":150,"kind":"debit"}"#,
+            r#"{"user_id":"1","amount_cents":150,"kind":"debit"}"#,
         )
         .await;
     assert_eq!(status, StatusCode::CREATED);
     let (_, balance) = api.call("GET", "/users/1/balance", None, &[]).await;
-    assert_eq!(balance, json!({ "user_id": 1, "balance_cents": 0 }));
+    assert_eq!(balance, json!({ "user_id": "1", "balance_cents": 0 }));
 
     let (_, events) = api.call("GET", "/outbox/events", None, &[]).await;
     let kinds: Vec<&str> = events["events"]
@@ -489,31 +506,31 @@ async fn credits_and_debits_move_the_balance_and_a_debit_beyond_it_is_refused() 
 #[tokio::test]
 async fn bad_transaction_bodies_are_refused_with_their_field() {
     let api = ledger_api();
-    seed_known_user(&api, 1, 100);
+    seed_known_user(&api, "1", 100);
     let cases = [
         (
-            r#"{"user_id":1,"amount_cents":0,"kind":"credit"}"#,
+            r#"{"user_id":"1","amount_cents":0,"kind":"credit"}"#,
             "amount_cents",
         ),
         (
-            r#"{"user_id":1,"amount_cents":-3,"kind":"credit"}"#,
+            r#"{"user_id":"1","amount_cents":-3,"kind":"credit"}"#,
             "amount_cents",
         ),
         (
-            r#"{"user_id":1,"amount_cents":1000000001,"kind":"credit"}"#,
+            r#"{"user_id":"1","amount_cents":1000000001,"kind":"credit"}"#,
             "amount_cents",
         ),
         (
-            r#"{"user_id":1,"amount_cents":1.5,"kind":"credit"}"#,
+            r#"{"user_id":"1","amount_cents":1.5,"kind":"credit"}"#,
             "amount_cents",
         ),
-        (r#"{"user_id":1,"amount_cents":5,"kind":"gift"}"#, "kind"),
+        (r#"{"user_id":"1","amount_cents":5,"kind":"gift"}"#, "kind"),
         (
-            r#"{"user_id":0,"amount_cents":5,"kind":"credit"}"#,
+            r#"{"user_id":"0","amount_cents":5,"kind":"credit"}"#,
             "user_id",
         ),
         (
-            r#"{"user_id":1,"amount_cents":5,"kind":"credit","memo":"x"}"#,
+            r#"{"user_id":"1","amount_cents":5,"kind":"credit","memo":"x"}"#,
             "memo",
         ),
     ];
@@ -528,9 +545,9 @@ async fn bad_transaction_bodies_are_refused_with_their_field() {
 #[tokio::test]
 async fn a_retried_transaction_with_the_same_key_is_recorded_once() {
     let api = ledger_api();
-    seed_known_user(&api, 1, 0);
+    seed_known_user(&api, "1", 0);
     let key = [("Idempotency-Key", "pay-1")];
-    let body = r#"{"user_id":1,"amount_cents":25,"kind":"credit"}"#;
+    let body = r#"{"user_id":"1","amount_cents":25,"kind":"credit"}"#;
     let first = api.call("POST", "/transactions", Some(body), &key).await;
     let again = api.call("POST", "/transactions", Some(body), &key).await;
     assert_eq!(first.0, StatusCode::CREATED);
@@ -742,9 +759,9 @@ async fn fallbacks_and_shapes_of_bodies_are_refused_as_json_with_their_field() {
 
     // Wrongly typed fields of a transaction: 422 with the field, not 400.
     for body in [
-        r#"{"user_id":1,"amount_cents":5,"kind":null}"#,
-        r#"{"user_id":1,"amount_cents":5,"kind":7}"#,
-        r#"{"user_id":1,"amount_cents":5,"kind":{"credit":null}}"#,
+        r#"{"user_id":"1","amount_cents":5,"kind":null}"#,
+        r#"{"user_id":"1","amount_cents":5,"kind":7}"#,
+        r#"{"user_id":"1","amount_cents":5,"kind":{"credit":null}}"#,
     ] {
         let (status, err) = ledger.post("/transactions", body).await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {err}");
@@ -764,7 +781,7 @@ async fn fallbacks_and_shapes_of_bodies_are_refused_as_json_with_their_field() {
 async fn repeated_idempotency_keys_and_non_canonical_ids_are_refused() {
     let users = users_api();
     let user = users.create_user("Ada", "ada@example.com").await;
-    assert_eq!(user["id"], 1);
+    let id = user["id"].as_str().unwrap().to_owned();
     let body = r#"{"name":"Bob","email":"bob@example.com"}"#;
     let (status, err) = users
         .call(
@@ -787,6 +804,9 @@ async fn repeated_idempotency_keys_and_non_canonical_ids_are_refused() {
         "/users/%2B1",
         "/users/%301",
         "/users/-0",
+        &format!("/users/{}", id.to_uppercase()),
+        &format!("/users/{}", id.replace('-', "")),
+        &format!("/users/%7B{id}%7D"),
     ] {
         let (status, err) = users.call("GET", alias, None, &[]).await;
         assert_eq!(
@@ -796,7 +816,10 @@ async fn repeated_idempotency_keys_and_non_canonical_ids_are_refused() {
         );
     }
     assert_eq!(
-        users.call("GET", "/users/1", None, &[]).await.0,
+        users
+            .call("GET", &format!("/users/{id}"), None, &[])
+            .await
+            .0,
         StatusCode::OK
     );
 }

@@ -72,7 +72,7 @@ fn users_get_one_welcome_credit_balances_match_the_ledger_and_verify_passes() {
 
     // Four clients create users concurrently; each request is sent twice with the same
     // Idempotency-Key, as a client that lost the first answer would.
-    let ids: Vec<i64> = std::thread::scope(|scope| {
+    let ids: Vec<String> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..4)
             .map(|t| {
                 let users = &users;
@@ -85,7 +85,7 @@ fn users_get_one_welcome_credit_balances_match_the_ledger_and_verify_passes() {
                             assert_eq!(status, 201, "{first}");
                             let (status, again) = users.post("/users", body, Some(&key));
                             assert_eq!((status, &again), (201, &first), "the retry returns the original answer");
-                            first["id"].as_i64().unwrap()
+                            first["id"].as_str().unwrap().to_owned()
                         })
                         .collect::<Vec<_>>()
                 })
@@ -156,7 +156,7 @@ fn users_get_one_welcome_credit_balances_match_the_ledger_and_verify_passes() {
 
     let (code, report) = verify(dir.path());
     assert_eq!(code, 0, "{report}");
-    assert!(report.contains("all 9 checks passed"), "{report}");
+    assert!(report.contains("all 10 checks passed"), "{report}");
     let (code, report) = verify_with(dir.path(), &["--welcome-credit-cents", "500"]);
     assert_eq!(code, 1, "{report}");
     assert!(
@@ -165,10 +165,10 @@ fn users_get_one_welcome_credit_balances_match_the_ledger_and_verify_passes() {
     );
 
     // The same check must catch a broken invariant (the last user was not debited).
-    let untouched = ids[USERS - 1];
+    let untouched = &ids[USERS - 1];
     support::inspect(&dir.path().join("user-service.db"))
         .execute(
-            "UPDATE users SET balance_cents = balance_cents + 1 WHERE id = ?1",
+            "UPDATE users SET balance_cents = balance_cents + 1 WHERE uid = ?1",
             [untouched],
         )
         .unwrap();
@@ -212,10 +212,11 @@ fn the_offline_demo_runs_to_the_end_and_its_verify_passes() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        text.contains("POST /users -> 201, user 8; user-service outbox: 5 pending"),
+        text.contains("POST /users -> 201, user \"")
+            && text.contains("; user-service outbox: 5 pending"),
         "{text}"
     );
-    assert!(text.contains("verify: all 9 checks passed"), "{text}");
+    assert!(text.contains("verify: all 10 checks passed"), "{text}");
 }
 
 /// `edge-outbox SUBCOMMAND --dir DIR` for a command that runs a box of its own: the
@@ -280,4 +281,216 @@ fn killing_one_component_at_a_time_under_load_loses_nothing() {
         text.contains("mode=kill cycles=6") && text.contains("lost=0 duplicated=0 pending=0"),
         "{text}"
     );
+}
+
+/// Starts user-service or transaction-service with short report intervals, so that a
+/// restored producer hears at once how far its consumer got.
+fn start_fast(name: &'static str, exe: &str, dir: &Path, broker: &Broker) -> Service {
+    Service::start_with(name, exe, dir, &broker.url(), |cmd| {
+        cmd.args(["--topic-prefix", &format!("e2e-r-{}", std::process::id())])
+            .args(["--consumer-report-interval-ms", "300"]);
+    })
+}
+
+/// Creates `n` users named `{prefix}-{i}`; returns their ids.
+fn create_users(users: &Service, prefix: &str, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let body = json!({ "name": format!("{prefix}-{i}"), "email": format!("{prefix}-{i}@example.com") });
+            let (status, user) = users.post("/users", body, None);
+            assert_eq!(status, 201, "{user}");
+            user["id"].as_str().unwrap().to_owned()
+        })
+        .collect()
+}
+
+/// Waits until each of `ids` has exactly one welcome credit in transaction-service's
+/// ledger and its balance of 1000 in user-service.
+fn wait_welcomed(users: &Service, ledger: &Service, ids: &[String]) {
+    wait_until("each new user's one welcome credit", 30, || {
+        ids.iter().all(|id| {
+            let (_, t) = ledger.get(&format!("/transactions?user_id={id}"));
+            let welcomes = t["transactions"]
+                .as_array()
+                .map_or(0, |t| t.iter().filter(|e| e["welcome"] == true).count());
+            welcomes == 1 && users.get(&format!("/users/{id}")).1["balance_cents"] == 1000
+        })
+    });
+}
+
+fn remove_database(path: &Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+}
+
+/// Once both services drained, verify fails on the divergence (and the dead letters it
+/// caused) only, naming each of `gone`. Returns its report.
+fn verify_names_divergence(
+    dir: &Path,
+    users: &Service,
+    ledger: &Service,
+    gone: &[String],
+) -> String {
+    wait_until("both services drained", 30, || {
+        drained(users) && drained(ledger)
+    });
+    let (code, report) = verify(dir);
+    assert_eq!(code, 1, "{report}");
+    assert_eq!(
+        failed_checks(&report),
+        vec![
+            "no producer database replaced or restored",
+            "no dead letters"
+        ],
+        "{report}"
+    );
+    for id in gone {
+        assert!(
+            report.contains(&format!(
+                "knows user {id}, which user-service no longer has"
+            )),
+            "{report}"
+        );
+    }
+    report
+}
+
+/// The checks verify failed, by name.
+fn failed_checks(report: &str) -> Vec<String> {
+    report
+        .lines()
+        .filter_map(|l| l.strip_prefix("FAIL  "))
+        .map(|l| l.split("  ").next().unwrap_or(l).trim().to_owned())
+        .collect()
+}
+
+/// Regression test for issue 12, "Producer identity": user-service restored from an
+/// older backup, then started on an empty database, under the same source.
+#[test]
+fn a_restored_or_emptied_user_service_gives_new_users_one_welcome_credit_and_verify_names_the_divergence(
+) {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let users_exe = env!("CARGO_BIN_EXE_user-service");
+    let users_db = dir.path().join("user-service.db");
+    let mut users = start_fast("user-service", users_exe, dir.path(), &broker);
+    let ledger = start_fast(
+        "transaction-service",
+        env!("CARGO_BIN_EXE_transaction-service"),
+        dir.path(),
+        &broker,
+    );
+    let before = create_users(&users, "before", 2);
+    wait_welcomed(&users, &ledger, &before);
+    let backup = dir.path().join("backup.db");
+    support::inspect(&users_db)
+        .execute("VACUUM INTO ?1", [backup.to_str().unwrap()])
+        .unwrap();
+    let lost = create_users(&users, "lost", 2);
+    wait_welcomed(&users, &ledger, &lost);
+    wait_until("both services drained", 30, || {
+        drained(&users) && drained(&ledger)
+    });
+    std::thread::sleep(Duration::from_millis(600)); // a position report after the last event
+    users.terminate();
+
+    // Restore the backup the way an operator would: the file, without its WAL.
+    remove_database(&users_db);
+    std::fs::copy(&backup, &users_db).unwrap();
+    let mut users = start_fast("user-service", users_exe, dir.path(), &broker);
+    let after = create_users(&users, "after", 3);
+    wait_welcomed(&users, &ledger, &after);
+    for id in &lost {
+        assert_eq!(users.get(&format!("/users/{id}")).0, 404, "restored away");
+    }
+    assert_eq!(users.get("/outbox").1["outbox"]["epoch_reason"], "rewound");
+    assert_eq!(
+        ledger.get("/outbox").1["consumer"]["orphaned_events"],
+        2,
+        "what the producer no longer has, on transaction-service's status page"
+    );
+    // The restored user-service also consumes transaction-service's stream again from
+    // where its backup stood: the welcome credits of the users it no longer has are
+    // dead-lettered, which verify shows too.
+    let report = verify_names_divergence(dir.path(), &users, &ledger, &lost);
+    for id in &lost {
+        assert!(
+            report.contains(&format!("for unknown user {id}")),
+            "{report}"
+        );
+    }
+    assert!(report.contains("user-service/users 3..4"), "{report}");
+
+    // Now on an empty database.
+    users.terminate();
+    remove_database(&users_db);
+    let users = start_fast("user-service", users_exe, dir.path(), &broker);
+    let fresh = create_users(&users, "fresh", 2);
+    wait_welcomed(&users, &ledger, &fresh);
+    let gone: Vec<String> = before.iter().chain(&after).cloned().collect();
+    verify_names_divergence(dir.path(), &users, &ledger, &gone);
+}
+
+#[test]
+fn mark_restored_begins_an_epoch_that_shares_all_the_backup_holds_and_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("restored.db");
+    let cfg = support::config("mqtt://127.0.0.1:1", "user-service");
+    let db = support::open_db(dir.path(), "restored", &cfg);
+    let outbox = edge_outbox::Outbox::new(&cfg);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(support::create_items(&db, &outbox, "x", 3));
+    drop(db);
+    let old: String = support::inspect(&path)
+        .query_row("SELECT epoch FROM outbox_epoch", [], |r| r.get(0))
+        .unwrap();
+
+    let out = Command::new(env!("CARGO_BIN_EXE_edge-outbox"))
+        .args(["mark-restored", "--db", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let (epoch, previous, reason): (String, String, String) = support::inspect(&path)
+        .query_row(
+            "SELECT epoch, previous, reason FROM outbox_epoch",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        (previous.as_str(), reason.as_str()),
+        (old.as_str(), "restored")
+    );
+    assert_ne!(epoch, old);
+    assert_eq!(
+        support::count(
+            &path,
+            "SELECT epoch_base FROM outbox_streams WHERE stream = 'items'"
+        ),
+        3,
+        "the new epoch shares every event the backup holds"
+    );
+    assert_eq!(
+        support::count(
+            &path,
+            &format!(
+                "SELECT COUNT(*) FROM outbox WHERE json_extract(payload, '$.epoch') = '{epoch}'"
+            )
+        ),
+        3,
+        "every envelope carries the new epoch"
+    );
+
+    let missing = dir.path().join("missing.db");
+    let out = Command::new(env!("CARGO_BIN_EXE_edge-outbox"))
+        .args(["mark-restored", "--db", missing.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not exist"),
+        "{out:?}"
+    );
+    assert!(!missing.exists(), "nothing created");
 }

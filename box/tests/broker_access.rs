@@ -174,18 +174,18 @@ fn both_services(dir: &Path, broker: &ShippedBroker, access: &BrokerAccess) -> (
     (users, ledger)
 }
 
-fn create_user(users: &Service, i: usize) -> i64 {
+fn create_user(users: &Service, i: usize) -> String {
     let (status, body) = users.post(
         "/users",
         json!({"name": format!("User {i}"), "email": format!("u{i}@example.com")}),
         None,
     );
     assert_eq!(status, 201, "{body}");
-    body["id"].as_i64().unwrap()
+    body["id"].as_str().unwrap().to_owned()
 }
 
 /// Every user created so far has exactly its one welcome credit in the ledger.
-fn welcome_credits(ledger: &Service, user_id: i64) -> usize {
+fn welcome_credits(ledger: &Service, user_id: &str) -> usize {
     let (_, body) = ledger.get(&format!("/transactions?user_id={user_id}"));
     body["transactions"]
         .as_array()
@@ -200,7 +200,7 @@ fn strangers_and_other_services_cannot_forge_skip_or_delete_and_real_events_stil
     let (users, ledger) = both_services(dir.path(), &broker, &access);
     let first = create_user(&users, 0);
     wait_until("the first user's welcome credit", 20, || {
-        welcome_credits(&ledger, first) == 1
+        welcome_credits(&ledger, &first) == 1
     });
 
     // The attacks of issue 11, each by a client without credentials (refused at
@@ -215,7 +215,7 @@ fn strangers_and_other_services_cannot_forge_skip_or_delete_and_real_events_stil
         (format!("{P}/events/{USER_SERVICE}/users"), json!({
             "specversion":"1.0","id":"forged-1","source":"user-service","type":"user.created",
             "time":"2026-12-01T00:00:00.000Z","datacontenttype":"application/json","stream":"users",
-            "sequence":"00000000000000000002","data":{"id":999,"name":"Mallory","email":"m@evil.example","balance_cents":0,"created_at":"2026-12-01T00:00:00.000Z"}
+            "sequence":"00000000000000000002","data":{"id":"999","name":"Mallory","email":"m@evil.example","balance_cents":0,"created_at":"2026-12-01T00:00:00.000Z"}
         }).to_string(), false),
         // A retained replay request: the whole history again at every connect.
         (format!("{P}/replay/{USER_SERVICE}/{TRANSACTION_SERVICE}"), r#"{"consumer":"transaction-service","stream":"users","from_seq":1}"#.to_owned(), true),
@@ -305,10 +305,10 @@ fn strangers_and_other_services_cannot_forge_skip_or_delete_and_real_events_stil
 
     // Real events still arrive, none skipped: each new user gets its credit, and
     // user-service's balances follow.
-    let ids: Vec<i64> = (1..=5).map(|i| create_user(&users, i)).collect();
+    let ids: Vec<String> = (1..=5).map(|i| create_user(&users, i)).collect();
     for id in &ids {
         wait_until(&format!("user {id}'s welcome credit"), 20, || {
-            welcome_credits(&ledger, *id) == 1
+            welcome_credits(&ledger, id) == 1
         });
     }
     wait_until("user-service applied every credit", 20, || {
@@ -418,7 +418,7 @@ fn a_service_the_acl_silences_is_reported_unhealthy_and_delivers_everything_once
     std::fs::write(access.acl(), good.replace(&events_rule, "")).unwrap();
     let broker = ShippedBroker::start(dir.path(), &access);
     let (users, ledger) = both_services(dir.path(), &broker, &access);
-    let ids: Vec<i64> = (0..3).map(|i| create_user(&users, i)).collect();
+    let ids: Vec<String> = (0..3).map(|i| create_user(&users, i)).collect();
 
     // The probe times out after 2 s (twice the 300 ms heads interval, at least 2 s).
     let started = Instant::now();
@@ -439,7 +439,7 @@ fn a_service_the_acl_silences_is_reported_unhealthy_and_delivers_everything_once
         users.log().contains("did not deliver it"),
         "an error log line says why"
     );
-    assert_eq!(welcome_credits(&ledger, ids[0]), 0, "nothing got through");
+    assert_eq!(welcome_credits(&ledger, &ids[0]), 0, "nothing got through");
 
     // Fixed and reloaded: healthy again, and the events the broker dropped are
     // replayed (the head announcements revealed them), each applied once.
@@ -450,7 +450,7 @@ fn a_service_the_acl_silences_is_reported_unhealthy_and_delivers_everything_once
     });
     for id in &ids {
         wait_until(&format!("user {id}'s welcome credit"), 30, || {
-            welcome_credits(&ledger, *id) == 1
+            welcome_credits(&ledger, id) == 1
         });
     }
     let (_, st) = ledger.get("/outbox");

@@ -600,6 +600,29 @@ pub struct EpochChanged {
     pub orphaned: Option<(u64, u64)>,
 }
 
+/// True when [`follow_epoch`] would change anything for `heads`: some stream of it
+/// has a position here counting in another epoch, or in none yet. A read, so that the
+/// consumer writes only when there is something to follow.
+pub fn must_follow_epoch(
+    conn: &Connection,
+    heads: &crate::protocol::HeadAnnouncement,
+) -> Result<bool, DbError> {
+    let Some(announced) = &heads.epoch else {
+        return Ok(false);
+    };
+    let mut stmt =
+        conn.prepare_cached("SELECT epoch FROM inbox_positions WHERE source = ?1 AND stream = ?2")?;
+    for stream in heads.streams.keys() {
+        let epoch: Option<Option<String>> = stmt
+            .query_row([&heads.source, stream], |r| r.get(0))
+            .optional()?;
+        if matches!(epoch, Some(e) if e.as_deref() != Some(announced.as_str())) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// Follows the epoch a producer announces (see docs/recovery.md, "Producer
 /// identity"), for the streams of `heads` that this inbox has a position in:
 ///

@@ -631,6 +631,33 @@ impl Processor<'_> {
     /// Follows a change of a producer's epoch (see [`inbox::follow_epoch`]).
     async fn follow_epoch(&mut self, heads: &HeadAnnouncement) {
         let h = heads.clone();
+        match self
+            .consumer
+            .db
+            .read(move |c| inbox::must_follow_epoch(c, &h))
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                // Nothing to change: the streams with a position follow this epoch, and
+                // those without one take it with their first event.
+                for stream in heads.streams.keys() {
+                    let key = StreamKey {
+                        source: heads.source.clone(),
+                        stream: stream.clone(),
+                    };
+                    if self.positions.contains_key(&key) {
+                        self.epochs.insert(key, heads.epoch.clone());
+                    }
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, source = %heads.source, "could not read the epochs followed; will try again at the producer's next announcement");
+                return;
+            }
+        }
+        let h = heads.clone();
         let result = self
             .consumer
             .db

@@ -150,10 +150,15 @@ async fn walk(opts: &DemoOffline, conf: &std::path::Path, b: &mut Box_) -> anyho
         )
         .await?;
         println!("   POST /users -> {status}, user {}", user["id"]);
-        ids.push(user["id"].as_i64().context("no id in the answer")?);
+        ids.push(
+            user["id"]
+                .as_str()
+                .context("no id in the answer")?
+                .to_owned(),
+        );
     }
     for id in &ids {
-        wait_balance(&b.users, *id, 1000).await?;
+        wait_balance(&b.users, id, 1000).await?;
     }
     println!("   each got its welcome credit: balance 1000 in user-service");
 
@@ -208,7 +213,7 @@ async fn walk(opts: &DemoOffline, conf: &std::path::Path, b: &mut Box_) -> anyho
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     for (n, id) in ids.iter().enumerate() {
-        wait_balance(&b.users, *id, 1000 - 100 * (n as i64 + 1)).await?;
+        wait_balance(&b.users, id, 1000 - 100 * (n as i64 + 1)).await?;
     }
     let (_, users) = http("GET", format!("{}/users?limit=20", b.users), None).await?;
     let offline = users["users"]
@@ -217,7 +222,7 @@ async fn walk(opts: &DemoOffline, conf: &std::path::Path, b: &mut Box_) -> anyho
         .flatten()
         .filter(|u| u["name"].as_str().is_some_and(|n| n.starts_with("Offline")));
     for u in offline {
-        wait_balance(&b.users, u["id"].as_i64().unwrap_or(0), 1000).await?;
+        wait_balance(&b.users, u["id"].as_str().unwrap_or("?"), 1000).await?;
     }
     println!(
         "   every offline user got its welcome credit; every offline debit reached user-service"
@@ -239,7 +244,7 @@ async fn walk(opts: &DemoOffline, conf: &std::path::Path, b: &mut Box_) -> anyho
     Ok(())
 }
 
-async fn wait_balance(base: &str, id: i64, want: i64) -> anyhow::Result<()> {
+async fn wait_balance(base: &str, id: &str, want: i64) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let (_, user) = http("GET", format!("{base}/users/{id}"), None).await?;

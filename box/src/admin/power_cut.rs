@@ -119,9 +119,9 @@ fn run_cmd(program: &str, args: &[&str]) -> anyhow::Result<()> {
 #[derive(Default)]
 struct Acks {
     /// (user id, email).
-    users: Mutex<Vec<(i64, String)>>,
+    users: Mutex<Vec<(String, String)>>,
     /// (transaction id, user id, amount, kind).
-    transactions: Mutex<Vec<(i64, i64, i64, String)>>,
+    transactions: Mutex<Vec<(i64, String, i64, String)>>,
     retries: AtomicU64,
     /// Requests abandoned after RETRIES_MAX attempts (their outcome unknown).
     gave_up: AtomicU64,
@@ -370,9 +370,9 @@ fn client(n: usize, users: String, ledger: String, stop: Arc<AtomicBool>, acks: 
     let mut i = 0u64;
     while !stop.load(Ordering::Relaxed) {
         i += 1;
-        let known: Option<i64> = {
+        let known: Option<String> = {
             let u = acks.users.lock().unwrap();
-            (!u.is_empty()).then(|| u[fastrand::usize(..u.len())].0)
+            (!u.is_empty()).then(|| u[fastrand::usize(..u.len())].0.clone())
         };
         match known {
             Some(user_id) if fastrand::f64() < 0.6 => {
@@ -411,7 +411,7 @@ fn client(n: usize, users: String, ledger: String, stop: Arc<AtomicBool>, acks: 
                     acks.users
                         .lock()
                         .unwrap()
-                        .push((u["id"].as_i64().unwrap_or(-1), email));
+                        .push((u["id"].as_str().unwrap_or("?").to_owned(), email));
                 }
             }
         }
@@ -567,7 +567,7 @@ fn check(b: &Box_, acks: &Acks) -> anyhow::Result<String> {
     let mut lost = 0;
     for (id, email) in users.iter() {
         let found: Option<String> = users_db
-            .query_row("SELECT email FROM users WHERE id = ?1", [id], |r| r.get(0))
+            .query_row("SELECT email FROM users WHERE uid = ?1", [id], |r| r.get(0))
             .ok();
         if found.as_deref() != Some(email.as_str()) {
             lost += 1;
@@ -577,15 +577,15 @@ fn check(b: &Box_, acks: &Acks) -> anyhow::Result<String> {
         }
     }
     for (id, user_id, amount, kind) in transactions.iter() {
-        let found: Option<(i64, i64, String)> = ledger_db
-            .query_row("SELECT user_id, amount_cents, kind FROM transactions WHERE id = ?1 AND welcome = 0", [id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        let found: Option<(i64, String, String)> = ledger_db
+            .query_row("SELECT amount_cents, user_id, kind FROM transactions WHERE id = ?1 AND welcome = 0", [id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .ok();
-        if found != Some((*user_id, *amount, kind.clone())) {
+        if found != Some((*amount, user_id.clone(), kind.clone())) {
             lost += 1;
             violations.push(format!("acknowledged transaction {id} ({kind} {amount} for user {user_id}) is missing (found {found:?})"));
         }
     }
-    let distinct_users: HashSet<i64> = users.iter().map(|u| u.0).collect();
+    let distinct_users: HashSet<&str> = users.iter().map(|u| u.0.as_str()).collect();
     let distinct_transactions: HashSet<i64> = transactions.iter().map(|t| t.0).collect();
     let user_rows: i64 = users_db.query_row("SELECT COUNT(*) FROM users", [], |r| r.get(0))?;
     let ledger_rows: i64 = ledger_db.query_row(
@@ -609,7 +609,7 @@ fn check(b: &Box_, acks: &Acks) -> anyhow::Result<String> {
             .query_map([], |r| {
                 Ok((
                     r.get::<_, i64>(0)?,
-                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(1)?,
                     r.get::<_, i64>(2)?,
                     r.get::<_, String>(3)?,
                     r.get::<_, String>(4)?,

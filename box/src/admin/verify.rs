@@ -54,7 +54,7 @@ impl Report {
         let mut out = String::new();
         for c in &self.checks {
             out.push_str(&format!(
-                "{:4}  {:<40} {}\n",
+                "{:4}  {:<44} {}\n",
                 if c.ok { "ok" } else { "FAIL" },
                 c.name,
                 c.detail
@@ -233,12 +233,9 @@ pub fn verify(target: &Target) -> Result<Report, VerifyError> {
     checks.push(check(
         &conn,
         "one welcome credit per user",
-        "SELECT 'user ' || u.id || ' has ' || (SELECT COUNT(*) FROM ledger.transactions t WHERE t.user_id = u.id AND t.welcome = 1) || ' welcome credits'
+        "SELECT 'user ' || u.uid || ' has ' || (SELECT COUNT(*) FROM ledger.transactions t WHERE t.user_id = u.uid AND t.welcome = 1) || ' welcome credits'
            FROM main.users u
-          WHERE (SELECT COUNT(*) FROM ledger.transactions t WHERE t.user_id = u.id AND t.welcome = 1) != (?1 > 0)
-         UNION ALL
-         SELECT 'welcome credit ' || t.id || ' for user ' || t.user_id || ' unknown to user-service'
-           FROM ledger.transactions t WHERE t.welcome = 1 AND t.user_id NOT IN (SELECT id FROM main.users)
+          WHERE (SELECT COUNT(*) FROM ledger.transactions t WHERE t.user_id = u.uid AND t.welcome = 1) != (?1 > 0)
          UNION ALL
          SELECT 'welcome credit ' || t.id || ' is ' || t.amount_cents || ' cents, not ' || ?1
            FROM ledger.transactions t WHERE t.welcome = 1 AND t.amount_cents != ?1",
@@ -248,10 +245,10 @@ pub fn verify(target: &Target) -> Result<Report, VerifyError> {
     checks.push(check(
         &conn,
         "balances equal ledger sums",
-        "SELECT 'user ' || u.id || ': balance ' || u.balance_cents || ' != ledger sum ' || COALESCE(s.total, 0)
+        "SELECT 'user ' || u.uid || ': balance ' || u.balance_cents || ' != ledger sum ' || COALESCE(s.total, 0)
            FROM main.users u
            LEFT JOIN (SELECT user_id, SUM(CASE kind WHEN 'credit' THEN amount_cents ELSE -amount_cents END) AS total
-                        FROM ledger.transactions GROUP BY user_id) s ON s.user_id = u.id
+                        FROM ledger.transactions GROUP BY user_id) s ON s.user_id = u.uid
           WHERE u.balance_cents != COALESCE(s.total, 0)
          UNION ALL
          SELECT 'transaction-service balance of user ' || k.user_id || ' is ' || k.balance_cents || ' != its ledger sum'
@@ -269,6 +266,14 @@ pub fn verify(target: &Target) -> Result<Report, VerifyError> {
           WHERE COALESCE((SELECT position FROM ledger.inbox_positions WHERE source = ?1 AND stream = 'users'), 0)
              != COALESCE((SELECT last_seq FROM main.outbox_streams WHERE stream = 'users'), 0)
          UNION ALL
+         SELECT 'transaction-service follows epoch ' || COALESCE(p.epoch, 'none') || ' of ' || ?1 || '/users, which is in epoch ' || e.epoch
+           FROM ledger.inbox_positions p, main.outbox_epoch e
+          WHERE p.source = ?1 AND p.stream = 'users' AND p.epoch IS NOT e.epoch
+         UNION ALL
+         SELECT 'user-service follows epoch ' || COALESCE(p.epoch, 'none') || ' of ' || ?2 || '/transactions, which is in epoch ' || e.epoch
+           FROM main.inbox_positions p, ledger.outbox_epoch e
+          WHERE p.source = ?2 AND p.stream = 'transactions' AND p.epoch IS NOT e.epoch
+         UNION ALL
          SELECT 'user-service is at ' || COALESCE((SELECT position FROM main.inbox_positions WHERE source = ?2 AND stream = 'transactions'), 0)
                 || ' of ' || COALESCE((SELECT last_seq FROM ledger.outbox_streams WHERE stream = 'transactions'), 0) || ' in ' || ?2 || '/transactions'
           WHERE COALESCE((SELECT position FROM main.inbox_positions WHERE source = ?2 AND stream = 'transactions'), 0)
@@ -280,13 +285,17 @@ pub fn verify(target: &Target) -> Result<Report, VerifyError> {
         &conn,
         "no gaps in applied sequences",
         "SELECT side || ' ' || source || '/' || stream || ': ' || n || ' records for sequences ' || lo || '..' || hi || ', position ' || pos
-           FROM (SELECT 'user-service' AS side, i.source, i.stream, COUNT(*) AS n, MIN(i.seq) AS lo, MAX(i.seq) AS hi,
-                        (SELECT position FROM main.inbox_positions p WHERE p.source = i.source AND p.stream = i.stream) AS pos
-                   FROM main.inbox i GROUP BY i.source, i.stream
+           FROM (SELECT 'user-service' AS side, i.source, i.stream, COUNT(*) AS n, MIN(i.seq) AS lo, MAX(i.seq) AS hi, p.position AS pos
+                   FROM main.inbox i JOIN main.inbox_positions p ON p.source = i.source AND p.stream = i.stream
+                  WHERE i.epoch = COALESCE(p.epoch, '')
+                    AND NOT EXISTS (SELECT 1 FROM main.inbox_epoch_changes c WHERE c.source = i.source AND c.stream = i.stream)
+                  GROUP BY i.source, i.stream
                  UNION ALL
-                 SELECT 'transaction-service', i.source, i.stream, COUNT(*), MIN(i.seq), MAX(i.seq),
-                        (SELECT position FROM ledger.inbox_positions p WHERE p.source = i.source AND p.stream = i.stream)
-                   FROM ledger.inbox i GROUP BY i.source, i.stream)
+                 SELECT 'transaction-service', i.source, i.stream, COUNT(*), MIN(i.seq), MAX(i.seq), p.position
+                   FROM ledger.inbox i JOIN ledger.inbox_positions p ON p.source = i.source AND p.stream = i.stream
+                  WHERE i.epoch = COALESCE(p.epoch, '')
+                    AND NOT EXISTS (SELECT 1 FROM ledger.inbox_epoch_changes c WHERE c.source = i.source AND c.stream = i.stream)
+                  GROUP BY i.source, i.stream)
           WHERE n != hi - lo + 1 OR hi != pos
          UNION ALL
          SELECT 'user-service skipped ' || source || '/' || stream || ' ' || first_seq || '..' || last_seq FROM main.inbox_skipped
@@ -298,20 +307,36 @@ pub fn verify(target: &Target) -> Result<Report, VerifyError> {
     checks.push(check(
         &conn,
         "every event applied exactly once",
-        "SELECT 'user-service applied ' || (SELECT COUNT(*) FROM main.inbox WHERE event_type = ?1 AND outcome = 'applied')
+        "SELECT 'user-service consumed ' || (SELECT COUNT(*) FROM main.inbox WHERE event_type = ?1)
                 || ' transaction.created events for ' || (SELECT COUNT(*) FROM ledger.transactions) || ' ledger entries'
-          WHERE (SELECT COUNT(*) FROM main.inbox WHERE event_type = ?1 AND outcome = 'applied') != (SELECT COUNT(*) FROM ledger.transactions)
+          WHERE (SELECT COUNT(*) FROM main.inbox WHERE event_type = ?1) != (SELECT COUNT(*) FROM ledger.transactions)
             AND (SELECT COALESCE(MIN(seq), 1) FROM main.inbox) = 1
+            AND NOT EXISTS (SELECT 1 FROM main.inbox_epoch_changes WHERE orphaned_first IS NOT NULL)
          UNION ALL
-         SELECT 'transaction-service applied ' || (SELECT COUNT(*) FROM ledger.inbox WHERE event_type = ?2 AND outcome = 'applied')
+         SELECT 'transaction-service consumed ' || (SELECT COUNT(*) FROM ledger.inbox WHERE event_type = ?2)
                 || ' user.created events for ' || (SELECT COUNT(*) FROM main.users) || ' users'
-          WHERE (SELECT COUNT(*) FROM ledger.inbox WHERE event_type = ?2 AND outcome = 'applied') != (SELECT COUNT(*) FROM main.users)
+          WHERE (SELECT COUNT(*) FROM ledger.inbox WHERE event_type = ?2) != (SELECT COUNT(*) FROM main.users)
             AND (SELECT COALESCE(MIN(seq), 1) FROM ledger.inbox) = 1
+            AND NOT EXISTS (SELECT 1 FROM ledger.inbox_epoch_changes WHERE orphaned_first IS NOT NULL)
          UNION ALL
-         SELECT 'transaction-service knows ' || (SELECT COUNT(*) FROM ledger.known_users) || ' users, user-service has ' || (SELECT COUNT(*) FROM main.users)
-          WHERE (SELECT COUNT(*) FROM ledger.known_users) != (SELECT COUNT(*) FROM main.users)",
+         SELECT 'user ' || u.uid || ' of user-service is unknown to transaction-service'
+           FROM main.users u WHERE u.uid NOT IN (SELECT user_id FROM ledger.known_users)",
         &[&TRANSACTION_CREATED, &USER_CREATED],
         format!("{users} user.created, {ledger} transaction.created"),
+    )?);
+    checks.push(check(
+        &conn,
+        "no producer database replaced or restored",
+        "SELECT side || ' applied ' || source || '/' || stream || ' ' || orphaned_first || '..' || orphaned_last
+                || ' in epoch ' || COALESCE(from_epoch, 'none') || ', which its producer no longer has (now in epoch ' || to_epoch || ')'
+           FROM (SELECT 'user-service' AS side, * FROM main.inbox_epoch_changes
+                 UNION ALL SELECT 'transaction-service', * FROM ledger.inbox_epoch_changes)
+          WHERE orphaned_first IS NOT NULL
+         UNION ALL
+         SELECT 'transaction-service knows user ' || k.user_id || ', which user-service no longer has'
+           FROM ledger.known_users k WHERE k.user_id NOT IN (SELECT uid FROM main.users)",
+        &[],
+        "no events or users that a producer no longer has".into(),
     )?);
     checks.push(check(
         &conn,

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use edge_box::admin::demo_offline::{self, DemoOffline};
+use edge_box::admin::mark_restored;
 use edge_box::admin::power_cut::{self, PowerCut};
 use edge_box::admin::run_all::{self, RunAll};
 use edge_box::admin::verify::{self, Target};
@@ -65,6 +66,16 @@ enum Cmd {
     /// acknowledged request survived exactly once and verify passes. Prints one summary
     /// line; exits 1 on any violation. Without root or loop devices it says SKIPPED.
     PowerCut(PowerCut),
+    /// After restoring a service's database from a backup, and before starting the
+    /// service: begin a new producer epoch, so that consumers that applied more than the
+    /// backup holds record what is gone and never take the new events for it (see
+    /// docs/recovery.md). The service also finds a rewind by itself from its consumers'
+    /// reports; this says it at once. Exits 1 on error.
+    MarkRestored {
+        /// The restored database.
+        #[arg(long)]
+        db: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -106,6 +117,21 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::MarkRestored { db } => match mark_restored::mark_restored(&db) {
+            Ok(change) => {
+                println!(
+                    "{}: epoch {} ended; epoch {} begins, sharing what the database holds",
+                    db.display(),
+                    change.from,
+                    change.to
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("mark-restored: error: {e:#}");
+                ExitCode::from(1)
+            }
+        },
         Cmd::RunAll(opts) => block_on("run-all", run_all::run(opts)),
         Cmd::DemoOffline(opts) => block_on("demo-offline", demo_offline::run(opts)),
         Cmd::PowerCut(opts) => block_on("power-cut", async {

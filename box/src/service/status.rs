@@ -59,7 +59,7 @@ struct StreamStatus {
 }
 
 async fn outbox_status(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let (stats, streams, dead_letters, backlog) = state
+    let (stats, streams, dead_letters, backlog, epoch, orphaned) = state
         .db
         .read(|c| {
             let heads = outbox::heads(c)?;
@@ -76,7 +76,19 @@ async fn outbox_status(State(state): State<AppState>) -> Result<Json<Value>, Api
                 );
             }
             let dead: i64 = c.query_row("SELECT COUNT(*) FROM dead_letters", [], |r| r.get(0))?;
-            Ok((outbox::stats(c)?, streams, dead, outbox::backlog(c)?))
+            let orphaned: i64 = c.query_row(
+                "SELECT COALESCE(SUM(orphaned_last - orphaned_first + 1), 0) FROM inbox_epoch_changes",
+                [],
+                |r| r.get(0),
+            )?;
+            Ok((
+                outbox::stats(c)?,
+                streams,
+                dead,
+                outbox::backlog(c)?,
+                outbox::epoch(c)?,
+                orphaned,
+            ))
         })
         .await?;
     let consumer = &state.consumer;
@@ -103,6 +115,10 @@ async fn outbox_status(State(state): State<AppState>) -> Result<Json<Value>, Api
             "backlog": { "events": backlog.events, "bytes": backlog.bytes, "max_events": state.outbox.backlog_max_events(), "max_bytes": state.outbox.backlog_max_bytes() },
             "published_since_start": state.relay.marked_published(),
             "streams": streams,
+            "epoch": epoch.epoch,
+            "epoch_reason": epoch.reason,
+            "epoch_started_at_ms": epoch.started_at_ms,
+            "epochs_begun_since_start": state.relay.epoch_changes(),
         },
         "consumer": {
             "connected": consumer.connected(),
@@ -112,6 +128,9 @@ async fn outbox_status(State(state): State<AppState>) -> Result<Json<Value>, Api
             "dead_lettered_since_start": consumer.dead_lettered(),
             "replays_requested_since_start": consumer.replays_requested(),
             "dead_letters": dead_letters,
+            "epoch_changes_since_start": consumer.epoch_changes(),
+            "orphaned_events": orphaned,
+            "producer_rewound": consumer.producer_rewound(),
             "streams": positions,
         },
     })))

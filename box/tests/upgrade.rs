@@ -1,0 +1,70 @@
+//! Databases written by the previous version open with this one and keep their rows:
+//! integer user ids become text, known to both services by the same spelling.
+
+use edge_box::{transaction_service, user_service};
+use edge_outbox::{Database, DbOptions, Schema};
+
+/// `schema` as the previous version knew it: without its last migration.
+fn previous(schema: &Schema) -> Schema {
+    Schema {
+        component: schema.component,
+        migrations: &schema.migrations[..schema.migrations.len() - 1],
+    }
+}
+
+#[test]
+fn integer_user_ids_of_the_previous_version_become_text_with_the_same_spelling() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("transaction-service.db");
+    let users = dir.path().join("user-service.db");
+    drop(
+        Database::open(
+            &DbOptions::new(&ledger),
+            &[previous(&transaction_service::SCHEMA)],
+        )
+        .unwrap(),
+    );
+    drop(Database::open(&DbOptions::new(&users), &[previous(&user_service::SCHEMA)]).unwrap());
+    let c = rusqlite::Connection::open(&ledger).unwrap();
+    c.execute_batch(
+        "INSERT INTO known_users (user_id, name, email, balance_cents, seen_at_ms) VALUES (7, 'A', 'a@b.io', 1000, 0);
+         INSERT INTO transactions (user_id, amount_cents, kind, welcome, created_at) VALUES (7, 1000, 'credit', 1, 'x');",
+    )
+    .unwrap();
+    drop(c);
+    rusqlite::Connection::open(&users)
+        .unwrap()
+        .execute_batch("INSERT INTO users (name, email, email_key, balance_cents, created_at) VALUES ('A', 'a@b.io', 'a@b.io', 1000, 'x');")
+        .unwrap();
+
+    drop(Database::open(&DbOptions::new(&ledger), &[transaction_service::SCHEMA]).unwrap());
+    drop(Database::open(&DbOptions::new(&users), &[user_service::SCHEMA]).unwrap());
+    let c = rusqlite::Connection::open(&ledger).unwrap();
+    let row: (String, String, i64) = c
+        .query_row(
+            "SELECT k.user_id, t.user_id, k.balance_cents FROM known_users k JOIN transactions t ON t.user_id = k.user_id",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!(row, ("7".into(), "7".into(), 1000));
+    c.execute_batch("PRAGMA foreign_keys = ON").unwrap();
+    let unknown = c.execute(
+        "INSERT INTO transactions (user_id, amount_cents, kind, created_at) VALUES ('8', 1, 'credit', 'x')",
+        [],
+    );
+    assert!(
+        unknown.is_err(),
+        "the reference to known_users survived the rebuild"
+    );
+    let second_welcome = c.execute(
+        "INSERT INTO transactions (user_id, amount_cents, kind, welcome, created_at) VALUES ('7', 1, 'credit', 1, 'x')",
+        [],
+    );
+    assert!(second_welcome.is_err(), "still one welcome credit per user");
+    let uid: String = rusqlite::Connection::open(&users)
+        .unwrap()
+        .query_row("SELECT uid FROM users", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(uid, "1", "an older user keeps its id, as text");
+}
