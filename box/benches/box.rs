@@ -88,7 +88,7 @@ fn main() {
     // Tables printed after the figures.
     let mut notes: Vec<String> = Vec::new();
 
-    // BENCH_ONLY=drain,e2e,http,latency runs only those figures (when chasing one).
+    // BENCH_ONLY=drain,e2e,http,latency,replay runs only those figures (when chasing one).
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let want = |f: &str| only.is_empty() || only.split(',').any(|o| o == f);
 
@@ -203,6 +203,11 @@ fn main() {
             &single,
             Some(target),
         ));
+    }
+
+    // 7. Live events while a consumer's replay of the whole history goes out.
+    if want("replay") {
+        notes.push(live_beside_replay(&broker, dir.path(), 200_000));
     }
 
     // 5. Latency at a steady 1,000 requests/s, and 6. the idle service.
@@ -489,6 +494,117 @@ fn relay_drain(broker: &Broker, dir: &Path, run: usize, n: usize) -> (f64, f64) 
     let pending = support::pending(&dir.join(format!("drain{run}.db")));
     assert_eq!(pending, 0, "relay drain left rows pending");
     (rate, busy)
+}
+
+/// Enqueues one event on the stream "live" every 5 ms while `until` is false (at most
+/// 20,000); returns their outbox row ids.
+async fn enqueue_live(
+    db: &edge_outbox::Database,
+    outbox: &Outbox,
+    until: impl Fn() -> bool,
+) -> Vec<i64> {
+    let mut ids = Vec::new();
+    while !until() && ids.len() < 20_000 {
+        let o = outbox.clone();
+        let id = db
+            .writer()
+            .write(move |tx| {
+                let data = event_data(0);
+                let e = o.enqueue(
+                    tx,
+                    NewEvent {
+                        stream: "live",
+                        event_type: "item.created",
+                        subject: None,
+                        data: &data,
+                    },
+                )?;
+                Ok::<_, edge_outbox::outbox::OutboxError>(e.row_id)
+            })
+            .await
+            .unwrap();
+        ids.push(id);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    ids
+}
+
+/// Commit -> marked published (after its PUBACK) of the given rows, in ms, sorted.
+fn commit_to_marked(path: &Path, ids: &[i64]) -> Vec<f64> {
+    let c = support::inspect(path);
+    let mut v: Vec<f64> = ids
+        .iter()
+        .map(|id| {
+            c.query_row(
+                "SELECT published_at_ms - created_at_ms FROM outbox WHERE id = ?1 AND published_at_ms IS NOT NULL",
+                [id],
+                |r| r.get::<_, i64>(0),
+            )
+            .unwrap_or_else(|_| panic!("live row {id} was never published")) as f64
+        })
+        .collect();
+    v.sort_by(f64::total_cmp);
+    v
+}
+
+/// `history` published events are replayed to a consumer that asked from sequence 1,
+/// while live events of another stream are written every 5 ms: their commit -> marked
+/// published (an upper bound of commit -> PUBACK), against the same without a replay.
+fn live_beside_replay(broker: &Broker, dir: &Path, history: usize) -> String {
+    let cfg = bench_config(broker, "replay");
+    let db = support::open_db(dir, "replay", &cfg);
+    let path = dir.join("replay.db");
+    let outbox = Outbox::new(&cfg);
+    fill(&db, &outbox, history);
+    runtime().block_on(async {
+        let relay = Relay::new(db.clone(), cfg.clone()).unwrap();
+        let status = relay.status();
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(relay.run(cancel.clone()));
+        wait_for_count("history published", history, Instant::now(), || status.marked_published()).await;
+
+        // Without a replay: 1 s of live events.
+        let t0 = Instant::now();
+        let baseline = enqueue_live(&db, &outbox, || t0.elapsed() > Duration::from_secs(1)).await;
+        let base_total = history + baseline.len();
+        wait_for_count("baseline published", base_total, Instant::now(), || status.marked_published()).await;
+
+        // A consumer asks for the whole history again.
+        let (client, mut eventloop) = bare_client(&(broker.host.clone(), broker.port), "replay");
+        let topics = edge_outbox::protocol::Topics::new(&cfg.topic_prefix);
+        let request = json!({ "consumer": "bench-consumer", "stream": support::STREAM, "from_seq": 1 });
+        client
+            .publish(topics.replay(&cfg.source, "bench-consumer"), QoS::AtLeastOnce, false, request.to_string())
+            .await
+            .unwrap();
+        let poller = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+        let replay_started = Instant::now();
+        wait_for_count("replay served", 1, replay_started, || status.replays_served()).await;
+        let marked = status.clone();
+        let during = enqueue_live(&db, &outbox, move || {
+            marked.marked_published() as usize >= base_total + history
+        })
+        .await;
+        wait_for_count("replay and live published", base_total + history + during.len(), replay_started, || {
+            status.marked_published()
+        })
+        .await;
+        let replay_secs = replay_started.elapsed().as_secs_f64();
+        poller.abort();
+        cancel.cancel();
+        task.await.unwrap().unwrap();
+        assert_eq!(support::pending(&path), 0, "replay left rows pending");
+        let (b, d) = (commit_to_marked(&path, &baseline), commit_to_marked(&path, &during));
+        let q = |v: &[f64], p: f64| v[((v.len() as f64 - 1.0) * p).round() as usize];
+        let verdict = if q(&d, 0.99) < 100.0 { "meets" } else { "MISSES" };
+        format!(
+            "live events beside a replay of {history} events ({replay_secs:.1} s; one live event every 5 ms on another stream):\n  \
+             commit -> marked published (after PUBACK) during the replay: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms ({} events; {verdict} the target p99 < 100 ms)\n  \
+             baseline, the same without a replay:                       p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms ({} events)",
+            q(&d, 0.5), q(&d, 0.99), q(&d, 1.0), d.len(),
+            q(&b, 0.5), q(&b, 0.99), q(&b, 1.0), b.len(),
+        )
+    })
 }
 
 /// Polls `count` every millisecond (the resolution of the timed figures) until it

@@ -67,3 +67,8 @@ CREATE TABLE inbox_epoch_changes (
     orphaned_last   INTEGER,
     recorded_at_ms  INTEGER NOT NULL
 ) STRICT;
+
+-- Producer side: rows a replay set back to pending, which the relay publishes after
+-- the live ones (src/outbox/mod.rs, fetch_pending), so that live events never wait
+-- behind a long replay.
+CREATE INDEX outbox_pending_replayed ON outbox (id) WHERE published_at_ms IS NULL AND replayed = 1;

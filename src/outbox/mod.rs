@@ -262,31 +262,45 @@ pub(crate) struct PendingRow {
     pub topic: String,
     /// The envelope, as published.
     pub payload: Vec<u8>,
+    /// Set back to pending by a replay (published before).
+    pub replayed: bool,
 }
 
-/// Up to `limit` pending rows with `id > after_id`, in id order (which is sequence
-/// order within each stream).
+/// Up to `limit` pending rows: first those never published with `id > live_after`,
+/// then, to fill the batch, those a replay set back to pending with
+/// `id > replay_after`; each in id order (which is sequence order within a stream).
+/// Live events so never wait behind a long replay.
 pub(crate) fn fetch_pending(
     conn: &Connection,
-    after_id: i64,
+    live_after: i64,
+    replay_after: i64,
     limit: usize,
 ) -> Result<Vec<PendingRow>, DbError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT id, event_id, stream, seq, topic, payload FROM outbox
-         WHERE published_at_ms IS NULL AND id > ?1 ORDER BY id LIMIT ?2",
-    )?;
-    let rows = stmt
-        .query_map(params![after_id, limit as i64], |r| {
-            Ok(PendingRow {
-                id: r.get(0)?,
-                event_id: r.get(1)?,
-                stream: r.get(2)?,
-                seq: r.get::<_, i64>(3)? as u64,
-                topic: r.get(4)?,
-                payload: r.get(5)?,
-            })
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut rows = Vec::with_capacity(limit.min(1024));
+    for (replayed, after) in [(0, live_after), (1, replay_after)] {
+        if rows.len() >= limit {
+            break;
+        }
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, event_id, stream, seq, topic, payload FROM outbox
+             WHERE published_at_ms IS NULL AND replayed = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+        )?;
+        let fetched =
+            stmt.query_map(params![replayed, after, (limit - rows.len()) as i64], |r| {
+                Ok(PendingRow {
+                    id: r.get(0)?,
+                    event_id: r.get(1)?,
+                    stream: r.get(2)?,
+                    seq: r.get::<_, i64>(3)? as u64,
+                    topic: r.get(4)?,
+                    payload: r.get(5)?,
+                    replayed: replayed == 1,
+                })
+            })?;
+        for row in fetched {
+            rows.push(row?);
+        }
+    }
     Ok(rows)
 }
 

@@ -215,11 +215,17 @@ struct State {
     acked: Vec<i64>,
     /// Rows handed to rumqttc, PUBACKed or being marked: not to be fetched again.
     sent: HashSet<i64>,
-    /// Highest row id fetched since the last reset.
+    /// Highest id of a row never published that was fetched since the last reset.
     cursor: i64,
+    /// Highest id of a row set back to pending by a replay fetched since the last
+    /// reset (replayed rows are published after live ones).
+    replay_cursor: i64,
     /// Rows fetched ahead, to publish as soon as the in-flight window has room: reading
-    /// ahead keeps SQLite reads off the publish path (up to `--relay-batch-max`).
+    /// ahead keeps SQLite reads off the publish path (up to `--relay-batch-max`, with
+    /// `replay_buffer`). Rows never published.
     buffer: VecDeque<PendingRow>,
+    /// Replayed rows fetched ahead: published only when `buffer` is empty.
+    replay_buffer: VecDeque<PendingRow>,
     /// There may be pending rows after `cursor`.
     maybe_more: bool,
     /// Bumped by every wake-up, so that a fetch that started before a commit does not
@@ -248,7 +254,9 @@ impl State {
             acked: Vec::new(),
             sent: HashSet::new(),
             cursor: 0,
+            replay_cursor: 0,
             buffer: VecDeque::new(),
+            replay_buffer: VecDeque::new(),
             maybe_more: true,
             wake_gen: 0,
             rewinds: 0,
@@ -269,8 +277,21 @@ impl State {
     fn rewind(&mut self) {
         self.cursor = 0;
         self.buffer.clear(); // still pending in the outbox: fetched again
+        self.rewind_replays();
+    }
+
+    /// A replay set rows back to pending: the replayed rows are fetched again from the
+    /// first; live rows carry on where they were.
+    fn rewind_replays(&mut self) {
+        self.replay_cursor = 0;
+        self.replay_buffer.clear();
         self.rewinds += 1;
         self.wake();
+    }
+
+    /// Rows fetched and not yet handed to rumqttc.
+    fn buffered(&self) -> usize {
+        self.buffer.len() + self.replay_buffer.len()
     }
 
     /// The generations a fetch starting now records.
@@ -291,10 +312,15 @@ impl State {
         if rows.len() < limit && wake_gen == self.wake_gen {
             self.maybe_more = false;
         }
-        if let Some(last) = rows.last() {
-            self.cursor = self.cursor.max(last.id);
+        for row in rows {
+            if row.replayed {
+                self.replay_cursor = self.replay_cursor.max(row.id);
+                self.replay_buffer.push_back(row);
+            } else {
+                self.cursor = self.cursor.max(row.id);
+                self.buffer.push_back(row);
+            }
         }
-        self.buffer.extend(rows);
         true
     }
 
@@ -434,13 +460,14 @@ impl Relay {
                 && fetch.is_none()
                 && db_retry_at.is_none()
                 && st.maybe_more
-                && st.buffer.len() <= cfg.relay_batch_max / 2
+                && st.buffered() <= cfg.relay_batch_max / 2
             {
-                let limit = cfg.relay_batch_max - st.buffer.len();
-                let (after, generations, db) = (st.cursor, st.generations(), self.db.clone());
+                let limit = cfg.relay_batch_max - st.buffered();
+                let (after, replay_after) = (st.cursor, st.replay_cursor);
+                let (generations, db) = (st.generations(), self.db.clone());
                 fetch = Some(Box::pin(async move {
                     let rows = db
-                        .read(move |c| outbox::fetch_pending(c, after, limit))
+                        .read(move |c| outbox::fetch_pending(c, after, replay_after, limit))
                         .await;
                     (generations, limit, rows)
                 }));
@@ -653,7 +680,7 @@ impl Relay {
                         st.replaying.remove(&stream);
                         tracing::info!(stream = %stream, from_seq, rows, "replay: rows set back to pending");
                         if rows > 0 {
-                            st.rewind();
+                            st.rewind_replays();
                         }
                     }
                     Side::Pruned(Ok(rows)) => {
@@ -710,7 +737,11 @@ impl Relay {
     /// A row rumqttc refuses (its queue is full) goes back to the buffer's front.
     fn publish_buffered(&self, client: &AsyncClient, st: &mut State, window: usize) {
         while st.correlator.len() < window {
-            let Some(row) = st.buffer.pop_front() else {
+            let Some(row) = st
+                .buffer
+                .pop_front()
+                .or_else(|| st.replay_buffer.pop_front())
+            else {
                 return;
             };
             if st.sent.contains(&row.id) {
@@ -724,7 +755,12 @@ impl Relay {
                 // rumqttc hands the refused publish back: keep its bytes for the retry.
                 if let rumqttc::ClientError::TryRequest(rumqttc::Request::Publish(p)) = e {
                     let (topic, payload) = (p.topic, p.payload.to_vec());
-                    st.buffer.push_front(PendingRow {
+                    let buffer = if row.replayed {
+                        &mut st.replay_buffer
+                    } else {
+                        &mut st.buffer
+                    };
+                    buffer.push_front(PendingRow {
                         topic,
                         payload,
                         ..row
@@ -942,7 +978,33 @@ mod tests {
             seq: id as u64,
             topic: "t".into(),
             payload: Vec::new(),
+            replayed: false,
         }
+    }
+
+    #[test]
+    fn live_rows_are_published_before_replayed_ones_and_a_replay_leaves_the_live_cursor() {
+        let mut st = state();
+        let replayed = |id| PendingRow {
+            replayed: true,
+            ..row(id)
+        };
+        let started = st.generations();
+        assert!(st.fetched(started, 10, vec![row(900), replayed(1), replayed(2)]));
+        assert_eq!((st.cursor, st.replay_cursor), (900, 2));
+        st.rewind_replays(); // another replay request reset rows again
+        assert_eq!((st.cursor, st.replay_cursor), (900, 0));
+        assert_eq!(st.buffer.len(), 1, "the live row stays buffered");
+        assert!(st.replay_buffer.is_empty());
+        let started = st.generations();
+        assert!(st.fetched(started, 10, vec![row(901), replayed(1)]));
+        let order: Vec<i64> = st
+            .buffer
+            .iter()
+            .chain(st.replay_buffer.iter())
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(order, vec![900, 901, 1], "live first, each in id order");
     }
 
     #[test]
