@@ -32,7 +32,7 @@ use probe::Probe;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -59,9 +59,13 @@ const REPLAY_MIN_INTERVAL: Duration = Duration::from_millis(500);
 /// Streams whose last replay time is remembered at most (bounds memory under a flood
 /// of requests naming made-up streams).
 const REPLAY_MEMORY_MAX: usize = 10_000;
-/// Streams one position report may list at most.
-/// Position reports written at once at most; more are dropped until they are done.
-const REPORT_WRITES_MAX: usize = 16;
+/// Position reports are gathered (the latest per consumer) and written together this
+/// often, in one transaction: a burst of reports costs one write, not one each.
+const REPORT_FLUSH_INTERVAL: Duration = Duration::from_millis(250);
+/// Bytes of position reports waiting to be written at most; a report from a consumer
+/// not already waiting that would go beyond is dropped (it reports again an interval
+/// later). Bounds memory under a flood of reports naming made-up consumers.
+const REPORTS_PENDING_MAX_BYTES: usize = 4 << 20;
 /// Replay requests served per consumer per [`REPLAY_WINDOW`] at most.
 const REPLAYS_PER_CONSUMER_MAX: u32 = 60;
 const REPLAY_WINDOW: Duration = Duration::from_secs(60);
@@ -181,8 +185,7 @@ pub struct Relay {
     status: Arc<RelayStatus>,
     /// One limiter for every warning about a message from the broker.
     input_log: Mutex<LogLimiter>,
-    /// Position reports being written now.
-    report_writes: Arc<AtomicUsize>,
+
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -202,10 +205,7 @@ enum Side {
         result: Result<usize, DbError>,
     },
     Pruned(Result<usize, DbError>),
-    Recorded {
-        consumer: String,
-        result: Result<outbox::ReportOutcome, DbError>,
-    },
+    Reported(Result<Vec<(String, outbox::ReportOutcome)>, DbError>),
 }
 
 /// The relay task's state between events.
@@ -244,6 +244,13 @@ struct State {
     replaying: HashMap<String, u64>,
     /// Replay requests served per consumer in the current window: (window start, count).
     replays_by_consumer: HashMap<String, (Instant, u32)>,
+    /// Position reports waiting to be written, the latest per consumer: (report, live
+    /// rather than retained, its size).
+    reports: HashMap<String, (PositionReport, bool, usize)>,
+    /// Bytes of `reports`.
+    reports_bytes: usize,
+    /// A write of reports is under way.
+    reports_writing: bool,
 }
 
 impl State {
@@ -265,6 +272,9 @@ impl State {
             last_replay: HashMap::new(),
             replaying: HashMap::new(),
             replays_by_consumer: HashMap::new(),
+            reports: HashMap::new(),
+            reports_bytes: 0,
+            reports_writing: false,
         }
     }
 
@@ -391,7 +401,7 @@ impl Relay {
             config,
             status: Arc::new(RelayStatus::default()),
             input_log: Mutex::new(LogLimiter::new(Duration::from_secs(10))),
-            report_writes: Arc::new(AtomicUsize::new(0)),
+
         })
     }
 
@@ -437,8 +447,9 @@ impl Relay {
         let mut db_retry_at: Option<Instant> = None;
         let mut poll_tick = interval(Config::ms(cfg.relay_poll_interval_ms));
         let mut heads_tick = interval(Config::ms(cfg.relay_heads_interval_ms));
+        let mut report_tick = interval(REPORT_FLUSH_INTERVAL);
         let mut retention_tick = interval(Config::ms(cfg.retention_interval_ms));
-        for t in [&mut poll_tick, &mut heads_tick, &mut retention_tick] {
+        for t in [&mut poll_tick, &mut heads_tick, &mut retention_tick, &mut report_tick] {
             t.set_missed_tick_behavior(MissedTickBehavior::Delay);
         }
         let mut backoff = Backoff::new(
@@ -538,7 +549,7 @@ impl Relay {
                         } else if let Some(consumer) = p.topic.strip_prefix(replay_prefix.as_str()) {
                             self.on_replay_request(consumer, p.retain, &p.payload, &mut st, &side_tx);
                         } else if let Some(consumer) = p.topic.strip_prefix(positions_prefix.as_str()) {
-                            self.on_position_report(consumer, p.retain, &p.payload, &side_tx);
+                            self.on_position_report(consumer, p.retain, &p.payload, &mut st);
                         }
                     }
                     Ok(_) => {}
@@ -649,6 +660,33 @@ impl Relay {
                         let _ = tx.send(Side::Heads(heads)).await;
                     });
                 }
+                _ = report_tick.tick(), if !st.reports.is_empty() && !st.reports_writing => {
+                    st.reports_writing = true;
+                    st.reports_bytes = 0;
+                    let reports: Vec<(PositionReport, bool)> =
+                        st.reports.drain().map(|(_, (r, live, _))| (r, live)).collect();
+                    let (tx, writer) = (side_tx.clone(), self.db.writer().clone());
+                    let retention_ms = cfg.retention_ms;
+                    tokio::spawn(async move {
+                        // A retained report (delivered because this relay just
+                        // subscribed) may be the last word of a consumer that is gone:
+                        // recording it would keep that consumer alive, and retention
+                        // held back, at every reconnect; live consumers report again
+                        // soon. It still tells whether this database was rewound: what
+                        // that consumer applied, it applied.
+                        let result = writer
+                            .write(move |t| {
+                                reports
+                                    .iter()
+                                    .map(|(r, live)| {
+                                        Ok((r.consumer.clone(), outbox::take_report(t, r, *live, retention_ms)?))
+                                    })
+                                    .collect::<Result<Vec<_>, DbError>>()
+                            })
+                            .await;
+                        let _ = tx.send(Side::Reported(result)).await;
+                    });
+                }
                 _ = retention_tick.tick(), if drain_deadline.is_none() => {
                     let (tx, writer) = (side_tx.clone(), self.db.writer().clone());
                     let (keep_ms, expiry_ms) = (cfg.retention_ms, cfg.consumer_expiry_ms);
@@ -688,27 +726,38 @@ impl Relay {
                             tracing::info!(rows, "retention deleted old published outbox rows");
                         }
                     }
-                    Side::Recorded { result: Ok(outbox::ReportOutcome::Rewound { stream, position, last, change }), consumer } => {
-                        tracing::error!(
+                    Side::Reported(Ok(outcomes)) => {
+                        st.reports_writing = false;
+                        for (consumer, outcome) in outcomes {
+                            let outbox::ReportOutcome::Rewound { stream, position, last, change } = outcome else {
+                                continue;
+                            };
+                            tracing::error!(
                             consumer = %consumer, stream = %stream, position, last,
                             from_epoch = %change.from, to_epoch = %change.to, restamped = change.restamped,
                             "this database was rewound (restored from an older backup?): a consumer has applied more of its epoch than it holds; \
                              a new epoch began, and the events written since it was opened are published again in it (docs/recovery.md)"
                         );
-                        self.status.epoch_changes.fetch_add(1, Ordering::Relaxed);
-                        self.status.epoch.set(Some(change.to));
-                        st.rewind();
-                        heads_tick.reset_immediately();
+                            self.status.epoch_changes.fetch_add(1, Ordering::Relaxed);
+                            self.status.epoch.set(Some(change.to));
+                            st.rewind();
+                            heads_tick.reset_immediately();
+                        }
                     }
-                    Side::Recorded { result: Ok(_), .. } => {}
                     Side::Replayed { stream, result: Err(e), .. } => {
                         st.replaying.remove(&stream);
                         if let Some(suppressed) = db_log.allow() {
                             tracing::error!(error = %e, suppressed, "relay could not set rows back to pending for a replay");
                         }
                     }
+                    Side::Reported(Err(e)) => {
+                        st.reports_writing = false;
+                        if let Some(suppressed) = db_log.allow() {
+                            tracing::error!(error = %e, suppressed, "relay could not write position reports; consumers report again");
+                        }
+                    }
                     Side::DataVersion(Err(e)) | Side::Heads(Err(e))
-                    | Side::Pruned(Err(e)) | Side::Recorded { result: Err(e), .. } => {
+                    | Side::Pruned(Err(e)) => {
                         if let Some(suppressed) = db_log.allow() {
                             tracing::error!(error = %e, suppressed, "relay database task failed");
                         }
@@ -880,13 +929,7 @@ impl Relay {
         });
     }
 
-    fn on_position_report(
-        &self,
-        consumer: &str,
-        retained: bool,
-        payload: &[u8],
-        side: &mpsc::Sender<Side>,
-    ) {
+    fn on_position_report(&self, consumer: &str, retained: bool, payload: &[u8], st: &mut State) {
         let report: PositionReport = match protocol::parse_control(payload) {
             Ok(r) => r,
             Err(e) => {
@@ -905,35 +948,21 @@ impl Relay {
             );
             return;
         }
-        // Reports are periodic: one dropped while others are being written loses
-        // nothing lasting, and a flood of them must not queue tasks without bound.
-        if self.report_writes.fetch_add(1, Ordering::AcqRel) >= REPORT_WRITES_MAX {
-            self.report_writes.fetch_sub(1, Ordering::AcqRel);
+        // The latest report of each consumer waits for the next write (every
+        // REPORT_FLUSH_INTERVAL): a burst costs one transaction, and a flood of
+        // reports from made-up consumers is bounded in bytes.
+        let size = payload.len();
+        let waiting = st.reports.get(consumer).map_or(0, |(_, _, n)| *n);
+        if st.reports_bytes - waiting + size > REPORTS_PENDING_MAX_BYTES {
             self.input_warning(
-                "dropping a position report: too many being written",
+                "dropping a position report: too many waiting to be written",
                 consumer,
             );
             return;
         }
-        let (writer, tx, writes) = (
-            self.db.writer().clone(),
-            side.clone(),
-            self.report_writes.clone(),
-        );
-        let consumer = report.consumer.clone();
-        let retention_ms = self.config.retention_ms;
-        tokio::spawn(async move {
-            // A retained report (delivered because this relay just subscribed) may be
-            // the last word of a consumer that is gone: recording it would keep that
-            // consumer alive, and retention held back, at every reconnect; live
-            // consumers report again soon. It still tells whether this database was
-            // rewound: what that consumer applied, it applied.
-            let result = writer
-                .write(move |t| outbox::take_report(t, &report, !retained, retention_ms))
-                .await;
-            writes.fetch_sub(1, Ordering::AcqRel);
-            let _ = tx.send(Side::Recorded { consumer, result }).await;
-        });
+        st.reports_bytes = st.reports_bytes - waiting + size;
+        st.reports
+            .insert(consumer.to_owned(), (report, !retained, size));
     }
 }
 
