@@ -88,7 +88,7 @@ demo:
 	user=$$(curl -sS -X POST $(USERS)/users -H 'Content-Type: application/json' -H "Idempotency-Key: $$email" \
 		-d "{\"name\":\"Demo User\",\"email\":\"$$email\"}"); \
 	echo "$$user"; \
-	id=$$(sed -n 's/.*"id":\([0-9]*\).*/\1/p' <<< "$$user"); \
+	id=$$(sed -n 's/.*"id":"\([0-9a-f-]*\)".*/\1/p' <<< "$$user"); \
 	step "2. The outbox row (GET /outbox/events?order=desc&limit=1): pending until the broker's PUBACK, then published"; \
 	curl -sS "$(USERS)/outbox/events?order=desc&limit=1"; echo; \
 	step "3. The events on the broker (mosquitto_sub): user.created, then transaction-service's transaction.created"; \

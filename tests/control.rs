@@ -262,7 +262,11 @@ async fn a_burst_of_position_reports_is_written_as_the_latest_of_each_consumer()
     };
     wait_for("the last report recorded", 10, || position() == 4).await;
     tokio::time::sleep(std::time::Duration::from_millis(600)).await;
-    assert_eq!(position(), 4, "no older report of the burst written after it");
+    assert_eq!(
+        position(),
+        4,
+        "no older report of the burst written after it"
+    );
     // The relay still publishes.
     create_items(&p.producer, &p.outbox, "s", 3).await;
     p.wait_all_published().await;

@@ -90,14 +90,27 @@ fn consumer_position(path: &Path) -> (i64, String) {
         .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_producer_on_a_new_database_is_a_new_epoch_and_its_events_are_all_applied() {
-    let broker = Broker::start();
+/// A producer and a consumer that records what it applies, both running.
+fn seen_pair(
+    broker: &Broker,
+) -> (
+    Pair,
+    Running,
+    std::sync::Arc<edge_outbox::consumer::ConsumerStatus>,
+    Running,
+) {
     let p = Pair::new(&broker.url(), |c| c);
     create_seen_table(&p.consumer_path());
     let (consumer, status) =
         spawn_consumer_with(&p.consumer_db, &p.consumer_cfg, "producer", seen_handlers());
     let relay = p.spawn_relay();
+    (p, consumer, status, relay)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_on_a_new_database_is_a_new_epoch_and_its_events_are_all_applied() {
+    let broker = Broker::start();
+    let (p, consumer, status, relay) = seen_pair(&broker);
     create_items(&p.producer, &p.outbox, "old", 3).await;
     wait_for("3 applied", 20, || status.applied() == 3).await;
     relay.stop().await;
@@ -147,11 +160,7 @@ async fn backup_after_two_of_five(
     Running,
     std::path::PathBuf,
 ) {
-    let p = Pair::new(&broker.url(), |c| c);
-    create_seen_table(&p.consumer_path());
-    let (consumer, status) =
-        spawn_consumer_with(&p.consumer_db, &p.consumer_cfg, "producer", seen_handlers());
-    let relay = p.spawn_relay();
+    let (p, consumer, status, relay) = seen_pair(&broker);
     create_items(&p.producer, &p.outbox, "a", 2).await;
     wait_for("2 applied", 20, || status.applied() == 2).await;
     let backup = p.dir.path().join("restored.db");
@@ -230,6 +239,46 @@ async fn a_restored_producer_whose_numbering_overtook_the_consumer_is_caught_by_
     assert_eq!(applied, want, "every event, once");
     assert_eq!(twice, 0);
     assert_eq!(epoch_of(&backup).1, "rewound");
+    relay.stop().await;
+    consumer.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_epoch_change_costs_a_replay_and_the_consumer_gets_back_to_where_it_was() {
+    // On an open broker: a head announcement with a made-up epoch. The consumer follows
+    // it (position 0), then the real producer's next announcement (position 0 again,
+    // in the real epoch): the replay brings events it applied, recognised by id at
+    // their place. Before, they were dead-lettered and the stream stalled for good.
+    let broker = Broker::start();
+    let (p, consumer, status, relay) = seen_pair(&broker);
+    create_items(&p.producer, &p.outbox, "a", 3).await;
+    wait_for("3 applied", 20, || status.applied() == 3).await;
+    broker.publish_raw(
+        &format!("{}/heads/producer", p.cfg.topic_prefix),
+        br#"{"source":"producer","epoch":"forged","streams":{"items":{"head":3,"first":1,"last":3,"base":0}}}"#,
+    );
+    wait_for("the forged epoch and the real one followed", 20, || {
+        status.epoch_changes() >= 2
+    })
+    .await;
+    create_items(&p.producer, &p.outbox, "b", 2).await;
+    wait_for("back at 5", 20, || {
+        consumer_position(&p.consumer_path()).0 == 5
+    })
+    .await;
+    let (applied, twice) = seen(&p.consumer_path());
+    let mut want = names("a", 3);
+    want.extend(names("b", 2));
+    assert_eq!(applied, want);
+    assert_eq!(twice, 0, "nothing applied twice");
+    assert_eq!(
+        consumer_position(&p.consumer_path()).1,
+        epoch_of(&p.producer_path()).0
+    );
+    assert_eq!(
+        count(&p.consumer_path(), "SELECT COUNT(*) FROM dead_letters"),
+        0
+    );
     relay.stop().await;
     consumer.stop().await;
 }

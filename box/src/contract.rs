@@ -64,6 +64,25 @@ impl UserId {
     }
 }
 
+impl UserId {
+    /// Reads a user id in event data: a string, or (in events written before UUID ids,
+    /// still in outboxes and replayed) a positive JSON integer, taken as its decimal
+    /// text. The HTTP API takes strings only.
+    pub fn from_event<'de, D: serde::Deserializer<'de>>(d: D) -> Result<UserId, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            Text(String),
+            Number(u64),
+        }
+        let text = match Either::deserialize(d)? {
+            Either::Text(s) => s,
+            Either::Number(n) => n.to_string(),
+        };
+        UserId::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
 impl TryFrom<String> for UserId {
     type Error = String;
     fn try_from(s: String) -> Result<UserId, String> {
@@ -143,6 +162,7 @@ pub struct LedgerEntry {
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 pub struct UserCreated {
     /// [`User::id`].
+    #[serde(deserialize_with = "UserId::from_event")]
     pub id: UserId,
     /// [`User::name`].
     pub name: String,
@@ -157,6 +177,7 @@ pub struct TransactionCreated {
     /// [`LedgerEntry::id`].
     pub id: i64,
     /// [`LedgerEntry::user_id`].
+    #[serde(deserialize_with = "UserId::from_event")]
     pub user_id: UserId,
     /// [`LedgerEntry::amount_cents`].
     pub amount_cents: i64,

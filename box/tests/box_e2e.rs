@@ -493,4 +493,20 @@ fn mark_restored_begins_an_epoch_that_shares_all_the_backup_holds_and_creates_no
         "{out:?}"
     );
     assert!(!missing.exists(), "nothing created");
+    let empty = dir.path().join("empty.db");
+    std::fs::write(&empty, b"").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_edge-outbox"))
+        .args(["mark-restored", "--db", empty.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not an SQLite database"),
+        "{out:?}"
+    );
+    assert_eq!(
+        std::fs::metadata(&empty).unwrap().len(),
+        0,
+        "left as it was"
+    );
 }

@@ -28,7 +28,9 @@ fn integer_user_ids_of_the_previous_version_become_text_with_the_same_spelling()
     let c = rusqlite::Connection::open(&ledger).unwrap();
     c.execute_batch(
         "INSERT INTO known_users (user_id, name, email, balance_cents, seen_at_ms) VALUES (7, 'A', 'a@b.io', 1000, 0);
-         INSERT INTO transactions (user_id, amount_cents, kind, welcome, created_at) VALUES (7, 1000, 'credit', 1, 'x');",
+         INSERT INTO transactions (user_id, amount_cents, kind, welcome, created_at) VALUES (7, 1000, 'credit', 1, 'x');
+         INSERT INTO transactions (user_id, amount_cents, kind, welcome, created_at) VALUES (7, 5, 'credit', 0, 'x');
+         DELETE FROM transactions WHERE id = 2;",
     )
     .unwrap();
     drop(c);
@@ -62,6 +64,16 @@ fn integer_user_ids_of_the_previous_version_become_text_with_the_same_spelling()
         [],
     );
     assert!(second_welcome.is_err(), "still one welcome credit per user");
+    c.execute(
+        "INSERT INTO transactions (user_id, amount_cents, kind, created_at) VALUES ('7', 1, 'credit', 'x')",
+        [],
+    )
+    .unwrap();
+    assert_eq!(
+        c.last_insert_rowid(),
+        3,
+        "ledger ids are not handed out twice: id 2 was used (and deleted) before"
+    );
     let uid: String = rusqlite::Connection::open(&users)
         .unwrap()
         .query_row("SELECT uid FROM users", [], |r| r.get(0))

@@ -18,7 +18,7 @@ CREATE TABLE outbox_epoch (
     started_at_ms INTEGER NOT NULL
 ) STRICT;
 INSERT INTO outbox_epoch (id, epoch, previous, reason, started_at_ms)
-VALUES (1, lower(hex(randomblob(16))), NULL, 'created', CAST(unixepoch('subsec') * 1000 AS INTEGER));
+VALUES (1, lower(hex(randomblob(16))), NULL, 'created', CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER));
 
 -- epoch_base: the last sequence number this epoch shares with `previous` (0 when there
 -- is none). run_base: the last sequence number when this database was last opened;

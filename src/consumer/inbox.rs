@@ -353,25 +353,19 @@ fn apply_one(
     }
     let tracked = positions.get_mut(&key).expect("inserted above");
     let position = tracked.position;
-    match (&tracked.epoch, &event.epoch) {
+    // The epoch this event counts in. A position older than epochs (or a stream's first
+    // event) takes the first epoch it meets, but only when an event of it moves the
+    // position: a forged event ahead or behind must not change what the stream follows.
+    let epoch = match (&tracked.epoch, &event.epoch) {
         // An event older than epochs counts in whatever epoch the stream follows.
-        (_, None) => {}
-        // A position older than epochs (or the stream's first event) takes the first
-        // epoch it meets; it is written with the position.
-        (None, Some(e)) => tracked.epoch = Some(e.clone()),
-        (Some(current), Some(e)) if current == e => {}
+        (current, None) => current.clone(),
+        (None, Some(e)) => Some(e.clone()),
+        (Some(current), Some(e)) if current == e => Some(e.clone()),
         (Some(_), Some(_)) => return Ok(Outcome::OtherEpoch { key, seq }),
-    }
-    let epoch = tracked.epoch.clone();
+    };
     if seq <= position {
         if let (Some(e), Some(_)) = (&epoch, &event.epoch) {
-            let applied: Option<String> = tx
-                .prepare_cached(
-                    "SELECT event_id FROM inbox WHERE source = ?1 AND stream = ?2 AND epoch = ?3 AND seq = ?4",
-                )?
-                .query_row(params![key.source, key.stream, e, seq as i64], |r| r.get(0))
-                .optional()?;
-            if let Some(applied_id) = applied.filter(|a| *a != event.id) {
+            if let Some(applied_id) = applied_at(tx, &key, e, seq)?.filter(|a| *a != event.id) {
                 return Ok(Outcome::Diverged {
                     key,
                     seq,
@@ -384,24 +378,45 @@ fn apply_one(
     if seq > position + 1 {
         return Ok(Outcome::Ahead { key, seq, position });
     }
-    let seen: Option<(i64, String)> = tx
-        .prepare_cached("SELECT seq, epoch FROM inbox WHERE event_id = ?1")?
-        .query_row([&event.id], |r| Ok((r.get(0)?, r.get(1)?)))
+    let seen: Option<(String, String, i64)> = tx
+        .prepare_cached("SELECT source, stream, seq FROM inbox WHERE event_id = ?1")?
+        .query_row([&event.id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
-    if let Some((_, seen_epoch)) = &seen {
-        if seen_epoch.as_str() != epoch.as_deref().unwrap_or("") {
+    match seen {
+        // This very event, at this very place, consumed before: under an earlier epoch
+        // of its producer, or before an epoch change lowered the position. No effect.
+        Some((source, stream, earlier))
+            if source == key.source && stream == key.stream && earlier == seq as i64 =>
+        {
+            tracked.position = seq;
+            tracked.epoch = epoch;
+            tracked.dirty = true;
             return Ok(Outcome::AppliedBefore { key, seq });
         }
-    }
-    if let Some((earlier, _)) = seen {
-        // The same event id at a second position: a forged or corrupted message. It
+        // The same event id at another position: a forged or corrupted message. It
         // does not take the position; the real event for it will come in a replay.
-        let reason = format!(
-            "event id {} was already consumed at sequence {earlier}",
-            event.id
-        );
-        return dead_letter(tx, topic, payload, Some(&key), reason);
+        Some((source, stream, earlier)) => {
+            let reason = format!(
+                "event id {} was already consumed at {source}/{stream} sequence {earlier}",
+                event.id
+            );
+            return dead_letter(tx, topic, payload, Some(&key), reason);
+        }
+        None => {}
     }
+    if let Some(e) = &epoch {
+        if let Some(applied_id) = applied_at(tx, &key, e, seq)? {
+            // Another event was applied at this number in this epoch (the position was
+            // lowered by an epoch change and the producer now sends something else):
+            // the producer's numbering went back. Not applied; reported.
+            return Ok(Outcome::Diverged {
+                key,
+                seq,
+                applied_id,
+            });
+        }
+    }
+    tracked.epoch = epoch.clone();
 
     let handled = match ctx.handlers.by_type.get(&event.event_type) {
         None => Err(HandlerError::Permanent(format!(
@@ -446,6 +461,24 @@ fn apply_one(
         now_ms()
     ])?;
     Ok(outcome)
+}
+
+/// The id of the event applied at `seq` of `key` in `epoch`, if one was (and its
+/// record is still kept).
+fn applied_at(
+    tx: &Transaction,
+    key: &StreamKey,
+    epoch: &str,
+    seq: u64,
+) -> Result<Option<String>, DbError> {
+    Ok(tx
+        .prepare_cached(
+            "SELECT event_id FROM inbox WHERE source = ?1 AND stream = ?2 AND epoch = ?3 AND seq = ?4",
+        )?
+        .query_row(params![key.source, key.stream, epoch, seq as i64], |r| {
+            r.get(0)
+        })
+        .optional()?)
 }
 
 /// Runs a handler; with [`Isolation::PerHandler`] in a nested savepoint, so that a
@@ -754,8 +787,8 @@ pub fn skip_unrecoverable(
     Ok(Some(range))
 }
 
-/// Retention on the consumer side: deletes up to `limit` inbox records and dead
-/// letters older than `retention_ms`. Positions are kept: they, not these records,
+/// Retention on the consumer side: deletes up to `limit` inbox records, dead letters
+/// and recorded epoch changes older than `retention_ms`. Positions are kept: they, not these records,
 /// guard against applying an event twice.
 pub(crate) fn prune(tx: &Transaction, retention_ms: u64, limit: usize) -> Result<usize, DbError> {
     let cutoff = now_ms().saturating_sub(retention_ms as i64);
@@ -767,5 +800,9 @@ pub(crate) fn prune(tx: &Transaction, retention_ms: u64, limit: usize) -> Result
         "DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters WHERE received_at_ms < ?1 ORDER BY id LIMIT ?2)",
         params![cutoff, limit as i64],
     )?;
-    Ok(inbox + dead)
+    let changes = tx.execute(
+        "DELETE FROM inbox_epoch_changes WHERE id IN (SELECT id FROM inbox_epoch_changes WHERE recorded_at_ms < ?1 ORDER BY id LIMIT ?2)",
+        params![cutoff, limit as i64],
+    )?;
+    Ok(inbox + dead + changes)
 }

@@ -468,31 +468,40 @@ pub fn start_new_epoch(
     )?;
     tx.execute("UPDATE outbox_streams SET epoch_base = run_base", [])?;
     // Every row carries the new epoch (those up to the base are shared, and consumers
-    // ask for them in the new epoch); those after it are published again.
-    let rows: Vec<(i64, Vec<u8>, bool, bool)> = tx
-        .prepare(
-            "SELECT o.id, o.payload, o.published_at_ms IS NULL AND o.replayed = 0, o.seq > s.run_base
-             FROM outbox o JOIN outbox_streams s ON s.stream = o.stream ORDER BY o.id",
-        )?
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
-        .collect::<Result<_, _>>()?;
+    // ask for them in the new epoch); those after it are published again. In pages,
+    // so that memory stays bounded however large the outbox.
     let mut backlog_bytes_delta: i64 = 0;
     let mut restamped_rows = 0;
+    let mut after = 0i64;
+    let mut page = tx.prepare(
+        "SELECT o.id, o.payload, o.published_at_ms IS NULL AND o.replayed = 0, o.seq > s.run_base
+         FROM outbox o JOIN outbox_streams s ON s.stream = o.stream
+         WHERE o.id > ?1 ORDER BY o.id LIMIT 1000",
+    )?;
     let mut update = tx.prepare(
         "UPDATE outbox SET payload = ?2,
                 replayed = CASE WHEN ?3 AND published_at_ms IS NOT NULL THEN 1 ELSE replayed END,
                 published_at_ms = CASE WHEN ?3 THEN NULL ELSE published_at_ms END
          WHERE id = ?1",
     )?;
-    for (id, payload, in_backlog, again) in &rows {
-        // A row that is not an envelope (a damaged database) goes out as it is: the
-        // consumers dead-letter it, which says more than stopping here would.
-        let restamped = restamp(payload, &to).unwrap_or_else(|_| payload.clone());
-        if *in_backlog {
-            backlog_bytes_delta += restamped.len() as i64 - payload.len() as i64;
+    loop {
+        let rows: Vec<(i64, Vec<u8>, bool, bool)> = page
+            .query_map([after], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })?
+            .collect::<Result<_, _>>()?;
+        let Some(last) = rows.last() else { break };
+        after = last.0;
+        for (id, payload, in_backlog, again) in &rows {
+            // A row that is not an envelope of this program (a damaged database) goes
+            // out as it is: the consumers dead-letter it, which says more than stopping.
+            let restamped = restamp(payload, &to).unwrap_or_else(|| payload.clone());
+            if *in_backlog {
+                backlog_bytes_delta += restamped.len() as i64 - payload.len() as i64;
+            }
+            restamped_rows += usize::from(*again);
+            update.execute(params![id, restamped, again])?;
         }
-        restamped_rows += usize::from(*again);
-        update.execute(params![id, restamped, again])?;
     }
     tx.execute(
         "UPDATE outbox_backlog SET bytes = MAX(0, bytes + ?1) WHERE id = 1",
@@ -510,11 +519,35 @@ pub fn start_new_epoch(
     })
 }
 
-/// The envelope `payload` with its `epoch` set to `epoch`.
-fn restamp(payload: &[u8], epoch: &str) -> Result<Vec<u8>, serde_json::Error> {
-    let mut value: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(payload)?;
-    value.insert("epoch".into(), epoch.into());
-    serde_json::to_vec(&value)
+/// The envelope `payload` with its `epoch` attribute set to `epoch`, every other
+/// byte as it was (the outbox holds the exact bytes published). The attribute follows
+/// `sequence`, as [`Outbox::enqueue`] writes it; an envelope written before epochs
+/// gets one there. The first `"sequence":"` is the envelope's own: in a JSON string a
+/// quote is escaped, and `data` comes after it. None when the payload is not such an
+/// envelope.
+fn restamp(payload: &[u8], epoch: &str) -> Option<Vec<u8>> {
+    const KEY: &[u8] = br#""sequence":""#;
+    const ATTR: &[u8] = br#","epoch":""#;
+    let start = payload.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let digits = payload.get(start..start + 20)?;
+    if !digits.iter().all(u8::is_ascii_digit) || payload.get(start + 20) != Some(&b'"') {
+        return None;
+    }
+    let after_sequence = start + 21;
+    let rest = &payload[after_sequence..];
+    let keep_from = if rest.starts_with(ATTR) {
+        let value = after_sequence + ATTR.len();
+        value + payload[value..].iter().position(|&b| b == b'"')? + 1
+    } else {
+        after_sequence
+    };
+    let mut out = Vec::with_capacity(payload.len() + ATTR.len() + epoch.len() + 1);
+    out.extend_from_slice(&payload[..after_sequence]);
+    out.extend_from_slice(ATTR);
+    out.extend_from_slice(epoch.as_bytes());
+    out.push(b'"');
+    out.extend_from_slice(&payload[keep_from..]);
+    Some(out)
 }
 
 /// What a position report told a producer.
@@ -524,6 +557,16 @@ pub enum ReportOutcome {
     Recorded,
     /// Counted in another epoch than this database's: not recorded.
     OtherEpoch,
+    /// The consumer claims more of this epoch than this database holds, but an epoch
+    /// already began since the relay started: nothing done.
+    RewindIgnored {
+        /// The stream.
+        stream: String,
+        /// The consumer's position (or divergent sequence) in it.
+        position: u64,
+        /// The last sequence number this database holds in it.
+        last: u64,
+    },
     /// The consumer has applied more of this epoch than this database holds: a new
     /// epoch began.
     Rewound {
@@ -544,11 +587,17 @@ pub enum ReportOutcome {
 /// the database was rewound and a new epoch begins ([`start_new_epoch`]); otherwise, when `record` is set, its positions
 /// are recorded for retention. A report without an epoch (an older consumer) counts in
 /// the current one.
+///
+/// With `may_rewind` unset (the relay began an epoch already since it started), a
+/// rewind is only reported ([`ReportOutcome::RewindIgnored`]): nobody can make a
+/// producer change epochs again and again by claiming rewinds (a restore needs a
+/// restart anyway).
 pub fn take_report(
     tx: &Transaction,
     report: &protocol::PositionReport,
     record: bool,
     retention_ms: u64,
+    may_rewind: bool,
 ) -> Result<ReportOutcome, DbError> {
     let current = epoch(tx)?.epoch;
     match &report.epoch {
@@ -562,8 +611,9 @@ pub fn take_report(
                     break;
                 }
             }
-            // A consumer applied another event at a number this database holds: checked
-            // against the row itself, so that nobody can claim it of a real event.
+            // A consumer applied another event at a number this database holds: taken
+            // when this database's own row at that number has another id (a claim
+            // naming the row's own id is false and ignored).
             for (stream, d) in &report.diverged {
                 if rewound.is_some() {
                     break;
@@ -580,6 +630,13 @@ pub fn take_report(
                 }
             }
             if let Some((stream, position, last)) = rewound {
+                if !may_rewind {
+                    return Ok(ReportOutcome::RewindIgnored {
+                        stream,
+                        position,
+                        last,
+                    });
+                }
                 let change = start_new_epoch(tx, EpochReason::Rewound, retention_ms)?;
                 return Ok(ReportOutcome::Rewound {
                     stream,
@@ -821,4 +878,27 @@ pub fn list(
         })?
         .collect::<Result<Vec<_>, _>>()?;
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::restamp;
+
+    #[test]
+    fn restamping_changes_only_the_epoch_attribute() {
+        let with = br#"{"specversion":"1.0","id":"a","sequence":"00000000000000000007","epoch":"old","data":{"epoch":"old","n":1e2,"big":123456789012345678901234567890}}"#;
+        assert_eq!(
+            restamp(with, "new").unwrap(),
+            br#"{"specversion":"1.0","id":"a","sequence":"00000000000000000007","epoch":"new","data":{"epoch":"old","n":1e2,"big":123456789012345678901234567890}}"#.to_vec(),
+            "the data, its numbers and its order untouched"
+        );
+        let without = br#"{"id":"a","sequence":"00000000000000000007","data":{}}"#;
+        assert_eq!(
+            restamp(without, "new").unwrap(),
+            br#"{"id":"a","sequence":"00000000000000000007","epoch":"new","data":{}}"#.to_vec(),
+            "an envelope from before epochs gets one"
+        );
+        assert_eq!(restamp(b"garbage", "new"), None);
+        assert_eq!(restamp(br#"{"sequence":"12"}"#, "new"), None);
+    }
 }

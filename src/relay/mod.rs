@@ -185,7 +185,6 @@ pub struct Relay {
     status: Arc<RelayStatus>,
     /// One limiter for every warning about a message from the broker.
     input_log: Mutex<LogLimiter>,
-
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -401,7 +400,6 @@ impl Relay {
             config,
             status: Arc::new(RelayStatus::default()),
             input_log: Mutex::new(LogLimiter::new(Duration::from_secs(10))),
-
         })
     }
 
@@ -449,7 +447,12 @@ impl Relay {
         let mut heads_tick = interval(Config::ms(cfg.relay_heads_interval_ms));
         let mut report_tick = interval(REPORT_FLUSH_INTERVAL);
         let mut retention_tick = interval(Config::ms(cfg.retention_interval_ms));
-        for t in [&mut poll_tick, &mut heads_tick, &mut retention_tick, &mut report_tick] {
+        for t in [
+            &mut poll_tick,
+            &mut heads_tick,
+            &mut retention_tick,
+            &mut report_tick,
+        ] {
             t.set_missed_tick_behavior(MissedTickBehavior::Delay);
         }
         let mut backoff = Backoff::new(
@@ -667,6 +670,7 @@ impl Relay {
                         st.reports.drain().map(|(_, (r, live, _))| (r, live)).collect();
                     let (tx, writer) = (side_tx.clone(), self.db.writer().clone());
                     let retention_ms = cfg.retention_ms;
+                    let may_rewind = self.status.epoch_changes() == 0;
                     tokio::spawn(async move {
                         // A retained report (delivered because this relay just
                         // subscribed) may be the last word of a consumer that is gone:
@@ -679,7 +683,7 @@ impl Relay {
                                 reports
                                     .iter()
                                     .map(|(r, live)| {
-                                        Ok((r.consumer.clone(), outbox::take_report(t, r, *live, retention_ms)?))
+                                        Ok((r.consumer.clone(), outbox::take_report(t, r, *live, retention_ms, may_rewind)?))
                                     })
                                     .collect::<Result<Vec<_>, DbError>>()
                             })
@@ -729,8 +733,16 @@ impl Relay {
                     Side::Reported(Ok(outcomes)) => {
                         st.reports_writing = false;
                         for (consumer, outcome) in outcomes {
-                            let outbox::ReportOutcome::Rewound { stream, position, last, change } = outcome else {
-                                continue;
+                            let (stream, position, last, change) = match outcome {
+                                outbox::ReportOutcome::Rewound { stream, position, last, change } => (stream, position, last, change),
+                                outbox::ReportOutcome::RewindIgnored { stream, position, last } => {
+                                    self.input_warning(
+                                        "ignoring a claim that this database was rewound: an epoch began already since the relay started (restart the service after restoring a backup)",
+                                        format!("consumer {consumer}, stream {stream}, position {position}, last {last}"),
+                                    );
+                                    continue;
+                                }
+                                _ => continue,
                             };
                             tracing::error!(
                             consumer = %consumer, stream = %stream, position, last,

@@ -25,6 +25,13 @@ CREATE TABLE transactions_v2 (
 INSERT INTO transactions_v2 (id, user_id, amount_cents, kind, description, welcome, created_at)
     SELECT id, CAST(user_id AS TEXT), amount_cents, kind, description, welcome, created_at FROM transactions;
 
+-- Keep AUTOINCREMENT's high-water mark: ledger ids are in transaction.created events
+-- and must never be handed out twice, even when the newest rows were deleted.
+UPDATE sqlite_sequence SET seq = MAX(seq, COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'transactions'), 0))
+ WHERE name = 'transactions_v2';
+INSERT INTO sqlite_sequence (name, seq)
+    SELECT 'transactions_v2', seq FROM sqlite_sequence WHERE name = 'transactions'
+     AND NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'transactions_v2');
 DROP TABLE transactions;
 DROP TABLE known_users;
 -- Renaming also rewrites transactions_v2's reference to known_users_v2.

@@ -12,9 +12,19 @@ use edge_outbox::{Config, Database, DbOptions};
 
 /// Begins a new epoch in the database at `path`, which must exist.
 pub fn mark_restored(path: &Path) -> anyhow::Result<EpochChange> {
+    let mut header = [0u8; 16];
+    let is_database = std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut header))
+        .is_ok()
+        && &header == b"SQLite format 3\0";
     anyhow::ensure!(
         path.is_file(),
         "{} does not exist: mark-restored marks a restored database, it does not create one",
+        path.display()
+    );
+    anyhow::ensure!(
+        is_database,
+        "{} is not an SQLite database (empty, or another file): nothing done",
         path.display()
     );
     let db = Database::open(&DbOptions::new(path), &[])

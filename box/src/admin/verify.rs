@@ -320,7 +320,7 @@ pub fn verify(target: &Target) -> Result<Report, VerifyError> {
             AND NOT EXISTS (SELECT 1 FROM ledger.inbox_epoch_changes WHERE orphaned_first IS NOT NULL)
          UNION ALL
          SELECT 'user ' || u.uid || ' of user-service is unknown to transaction-service'
-           FROM main.users u WHERE u.uid NOT IN (SELECT user_id FROM ledger.known_users)",
+           FROM main.users u WHERE NOT EXISTS (SELECT 1 FROM ledger.known_users k WHERE k.user_id = u.uid)",
         &[&TRANSACTION_CREATED, &USER_CREATED],
         format!("{users} user.created, {ledger} transaction.created"),
     )?);
@@ -334,7 +334,7 @@ pub fn verify(target: &Target) -> Result<Report, VerifyError> {
           WHERE orphaned_first IS NOT NULL
          UNION ALL
          SELECT 'transaction-service knows user ' || k.user_id || ', which user-service no longer has'
-           FROM ledger.known_users k WHERE k.user_id NOT IN (SELECT uid FROM main.users)",
+           FROM ledger.known_users k WHERE NOT EXISTS (SELECT 1 FROM main.users u WHERE u.uid = k.user_id)",
         &[],
         "no events or users that a producer no longer has".into(),
     )?);
