@@ -668,7 +668,7 @@ pub fn must_follow_epoch(
 ///   starts again at 0 and everything it had applied is recorded as orphaned; events
 ///   applied before are recognised by their id and not applied again.
 ///
-/// `heads` must have passed [`HeadAnnouncement::validate`]. Records every change in
+/// `heads` must have passed [`crate::protocol::HeadAnnouncement::validate`]. Records every change in
 /// `inbox_epoch_changes`.
 pub fn follow_epoch(
     tx: &Transaction,
