@@ -11,7 +11,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 USERS := http://127.0.0.1:8081
 LEDGER := http://127.0.0.1:8082
 
-.PHONY: help deps build run-all watch demo demo-offline power-cut bench verify test test-docs check-deps clean
+.PHONY: help deps fuzz-deps build run-all watch demo demo-offline power-cut bench verify test test-docs check-deps clean
 
 # mosquitto_sub as the read-only observer that run-all creates. Its password goes
 # through a mosquitto_sub config file ($$XDG_CONFIG_HOME/mosquitto_sub, mode 0600),
@@ -19,12 +19,18 @@ LEDGER := http://127.0.0.1:8082
 OBSERVER_PW := data/mqtt/edge-observer.password
 as_observer = [ -r $(OBSERVER_PW) ] || { echo "$(OBSERVER_PW) is missing: start the box with 'make run-all' first"; exit 1; }; subcfg=$$(mktemp -d); trap 'rm -rf "$$subcfg"' EXIT; printf -- '-u edge-observer\n-P %s\n' "$$(cat $(OBSERVER_PW))" > "$$subcfg/mosquitto_sub"; chmod 600 "$$subcfg/mosquitto_sub"; export XDG_CONFIG_HOME="$$subcfg"
 
+# schemathesis, for the API fuzz test (box/tests/fuzz.rs): a pinned version from PyPI
+# in a virtualenv in cargo's output folder.
+SCHEMATHESIS_VERSION := 4.32.5
+FUZZ_VENV := $(or $(TARGET_DIR),target)/schemathesis-venv
+
 CYCLES ?= 20
 MODE ?= power
 
 help:
 	@echo "make run-all  install Mosquitto if missing, build, run the broker and both services (Ctrl-C stops all)"
-	@echo "make test     install Mosquitto if missing, run every test against real brokers and databases,"
+	@echo "make test     install Mosquitto (and schemathesis, for the API fuzz test) if missing, run every"
+	@echo "              test against real brokers and databases,"
 	@echo "              the library's doc examples, and check its docs and dependencies"
 	@echo "make watch    print every event on the broker (needs run-all in another terminal)"
 	@echo "make demo     create a user and follow its events step by step (needs run-all)"
@@ -42,6 +48,19 @@ deps:
 		echo "installing mosquitto and mosquitto-clients"; \
 		export DEBIAN_FRONTEND=noninteractive; \
 		$(SUDO) apt-get install -y mosquitto mosquitto-clients || { $(SUDO) apt-get update && $(SUDO) apt-get install -y mosquitto mosquitto-clients; }; \
+	fi
+
+# Python's venv module (Debian: python3-venv), then schemathesis into $(FUZZ_VENV).
+fuzz-deps:
+	@if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then \
+		echo "installing python3-venv"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		$(SUDO) apt-get install -y python3-venv || { $(SUDO) apt-get update && $(SUDO) apt-get install -y python3-venv; }; \
+	fi
+	@if ! "$(FUZZ_VENV)/bin/st" --version 2>/dev/null | grep -q "$(SCHEMATHESIS_VERSION)"; then \
+		echo "installing schemathesis $(SCHEMATHESIS_VERSION) into $(FUZZ_VENV)"; \
+		rm -rf "$(FUZZ_VENV)" && python3 -m venv "$(FUZZ_VENV)" \
+			&& "$(FUZZ_VENV)/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$(SCHEMATHESIS_VERSION)"; \
 	fi
 
 build:
@@ -105,8 +124,9 @@ demo:
 # cargo-nextest runs each test in its own process; plain cargo test works too. Both
 # cover the library and the box (the workspace's default members), and build
 # examples/embed.rs, which tests/example.rs runs against a real Mosquitto.
-test: deps
-	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+test: deps fuzz-deps
+	@export SCHEMATHESIS="$$(realpath "$(FUZZ_VENV)/bin/st")"; \
+	if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run --locked --workspace --no-fail-fast; \
 	else \
 		$(CARGO) test --locked --workspace --no-fail-fast; \

@@ -160,7 +160,7 @@ async fn backup_after_two_of_five(
     Running,
     std::path::PathBuf,
 ) {
-    let (p, consumer, status, relay) = seen_pair(&broker);
+    let (p, consumer, status, relay) = seen_pair(broker);
     create_items(&p.producer, &p.outbox, "a", 2).await;
     wait_for("2 applied", 20, || status.applied() == 2).await;
     let backup = p.dir.path().join("restored.db");

@@ -33,6 +33,11 @@ pub const TRANSACTION_CREATED: &str = "transaction.created";
 #[serde(try_from = "String", into = "String")]
 pub struct UserId(String);
 
+/// [`UserId::parse`]'s rule as a regular expression. The OpenAPI document repeats it
+/// (utoipa takes only literals there; box/tests/openapi.rs checks they agree).
+pub const USER_ID_PATTERN: &str =
+    r"^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[1-9][0-9]{0,18})$";
+
 impl UserId {
     /// A new id.
     pub fn generate() -> UserId {
@@ -123,9 +128,10 @@ impl FromSql for UserId {
 
 /// A user: the data of `user.created` (as it was created), and what `GET /users/{id}`
 /// shows (with its current balance).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct User {
     /// The user's id.
+    #[schema(value_type = String, pattern = r"^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[1-9][0-9]{0,18})$")]
     pub id: UserId,
     /// The trimmed name.
     pub name: String,
@@ -138,11 +144,12 @@ pub struct User {
 }
 
 /// A ledger entry: the data of `transaction.created`, and what the ledger API shows.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct LedgerEntry {
     /// transaction-service's id of the entry.
     pub id: i64,
     /// The user it belongs to.
+    #[schema(value_type = String, pattern = r"^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[1-9][0-9]{0,18})$")]
     pub user_id: UserId,
     /// Always positive; `kind` says which way it moves the balance.
     pub amount_cents: i64,

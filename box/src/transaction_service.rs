@@ -21,7 +21,9 @@ use crate::contract::{
     LedgerEntry, UserCreated, UserId, TRANSACTIONS_STREAM, TRANSACTION_CREATED, USERS_STREAM,
     USER_CREATED,
 };
-use crate::service::http::{next_after, page, ApiError, AppJson, AppPath, AppQuery};
+use crate::service::http::{
+    next_after, page, ApiError, AppJson, AppPath, AppQuery, ErrorCode, ErrorResponses,
+};
 use crate::service::idempotency::{self, IdempotencyKey};
 use crate::service::{AppState, Spec};
 use edge_outbox::consumer::inbox::{HandlerError, Handlers};
@@ -58,6 +60,7 @@ pub fn spec(users_source: &str, outbox: Outbox, welcome_credit_cents: i64) -> Sp
         name: "transaction-service",
         schema: SCHEMA,
         routes: routes(),
+        api: <Api as utoipa::OpenApi>::openapi(),
         consumes: vec![StreamKey {
             source: users_source.to_owned(),
             stream: USERS_STREAM.to_owned(),
@@ -80,7 +83,7 @@ pub fn routes() -> Router<AppState> {
 
 /// Credit or debit. Only the strings "credit" and "debit" are accepted (serde's
 /// default would also take `{"credit": null}`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase", try_from = "String")]
 pub enum Kind {
     Credit,
@@ -124,13 +127,19 @@ fn entry_from(r: &Row<'_>) -> rusqlite::Result<LedgerEntry> {
 }
 
 /// The body of `POST /transactions`.
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewTransaction {
+    /// A user id transaction-service has seen (from user-service's user.created).
+    #[schema(value_type = String, pattern = r"^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[1-9][0-9]{0,18})$")]
     pub user_id: UserId,
+    /// 1 to 1,000,000,000.
+    #[schema(minimum = 1, maximum = 1_000_000_000)]
     pub amount_cents: i64,
     pub kind: Kind,
+    /// At most 500 characters, no control characters.
     #[serde(default)]
+    #[schema(max_length = 2000)]
     pub description: Option<String>,
 }
 
@@ -214,7 +223,12 @@ fn unknown_user(user_id: &UserId) -> ApiError {
     ))
 }
 
-async fn create_transaction(
+/// Records a credit or a debit; its `transaction.created` event is committed with it.
+#[utoipa::path(post, path = "/transactions", tag = "transaction-service",
+    params(("Idempotency-Key" = Option<String>, Header, description = "1-200 visible ASCII characters: a retry with the same key and request gets the first answer")),
+    request_body = NewTransaction,
+    responses((status = 201, description = "The ledger entry", body = LedgerEntry), ErrorResponses))]
+pub(crate) async fn create_transaction(
     State(state): State<AppState>,
     IdempotencyKey(key): IdempotencyKey,
     AppJson(input): AppJson<NewTransaction>,
@@ -229,7 +243,7 @@ async fn create_transaction(
         if kind == Kind::Debit && amount_cents > balance {
             return Err(ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                "insufficient_funds",
+                ErrorCode::InsufficientFunds,
                 format!("a debit of {amount_cents} cents exceeds the balance of {balance} cents"),
             )
             .with_field("amount_cents"));
@@ -247,15 +261,25 @@ async fn create_transaction(
     Ok((status, Json(body)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
-struct ListQuery {
+#[into_params(parameter_in = Query)]
+pub(crate) struct ListQuery {
+    /// Only this user's entries.
+    #[param(value_type = Option<String>, pattern = r"^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[1-9][0-9]{0,18})$")]
     user_id: Option<UserId>,
+    /// Entries per page, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<u32>,
+    /// The id of the last entry of the previous page.
+    #[param(minimum = 0)]
     after: Option<i64>,
 }
 
-async fn list_transactions(
+/// Ledger entries in the order they were recorded.
+#[utoipa::path(get, path = "/transactions", tag = "transaction-service", params(ListQuery),
+    responses((status = 200, description = "A page of ledger entries", body = LedgerPage), ErrorResponses))]
+pub(crate) async fn list_transactions(
     State(state): State<AppState>,
     AppQuery(q): AppQuery<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
@@ -272,21 +296,27 @@ async fn list_transactions(
         })
         .await?;
     let next_after = next_after(entries.len(), limit, entries.last().map(|x| x.id));
-    Ok(Json(
-        json!({ "transactions": entries, "next_after": next_after }),
-    ))
+    Ok(Json(json!(LedgerPage {
+        transactions: entries,
+        next_after
+    })))
 }
 
-async fn balance(
+/// A user's balance, from transaction-service's own ledger.
+#[utoipa::path(get, path = "/users/{id}/balance", tag = "transaction-service",
+    params(("id" = String, Path, description = "A user id", pattern = r"^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[1-9][0-9]{0,18})$")),
+    responses((status = 200, description = "The balance", body = Balance), ErrorResponses))]
+pub(crate) async fn balance(
     State(state): State<AppState>,
     AppPath(user_id): AppPath<UserId>,
 ) -> Result<Json<Value>, ApiError> {
     let id = user_id.clone();
     let balance = state.db.read(move |c| Ok(known_balance(c, &id)?)).await?;
     let balance_cents = balance.ok_or_else(|| unknown_user(&user_id))?;
-    Ok(Json(
-        json!({ "user_id": user_id, "balance_cents": balance_cents }),
-    ))
+    Ok(Json(json!(Balance {
+        user_id,
+        balance_cents
+    })))
 }
 
 /// Applies `user.created`: records the user in the projection and grants the welcome
@@ -359,3 +389,30 @@ mod tests {
         assert!(validate(&t(1, Some(&"x".repeat(501)))).is_err());
     }
 }
+
+/// A page of ledger entries.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct LedgerPage {
+    transactions: Vec<LedgerEntry>,
+    /// The `after` of the next page; null on the last one.
+    next_after: Option<i64>,
+}
+
+/// A user's balance.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct Balance {
+    #[schema(value_type = String, pattern = r"^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[1-9][0-9]{0,18})$")]
+    user_id: UserId,
+    balance_cents: i64,
+}
+
+/// transaction-service's API, for GET /openapi.json.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "transaction-service",
+        description = "A ledger per user, with a welcome credit for every new user."
+    ),
+    paths(create_transaction, list_transactions, balance)
+)]
+pub struct Api;

@@ -19,7 +19,7 @@ use crate::contract::{
     TransactionCreated, User, UserId, TRANSACTIONS_STREAM, TRANSACTION_CREATED, USERS_STREAM,
     USER_CREATED,
 };
-use crate::service::http::{page, ApiError, AppJson, AppPath, AppQuery};
+use crate::service::http::{page, ApiError, AppJson, AppPath, AppQuery, ErrorCode, ErrorResponses};
 use crate::service::idempotency::{self, IdempotencyKey};
 use crate::service::{AppState, Spec};
 
@@ -89,6 +89,7 @@ pub fn spec(transactions_source: &str) -> Spec {
         name: "user-service",
         schema: SCHEMA,
         routes: routes(),
+        api: <Api as utoipa::OpenApi>::openapi(),
         consumes: vec![StreamKey {
             source: transactions_source.to_owned(),
             stream: TRANSACTIONS_STREAM.to_owned(),
@@ -117,10 +118,19 @@ fn user_from(r: &Row<'_>) -> rusqlite::Result<User> {
 }
 
 /// The body of `POST /users`.
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewUser {
+    /// 1-100 characters after trimming, at least one of them visible, no control
+    /// characters.
+    #[schema(min_length = 1, max_length = 400)]
     pub name: String,
+    /// Like `name@example.com`, at most 254 bytes; unique after Unicode case folding.
+    #[schema(
+        min_length = 3,
+        max_length = 254,
+        pattern = r"^[^@\s]{1,64}@[^@\s.]+(\.[^@\s.]+)+$"
+    )]
     pub email: String,
 }
 
@@ -188,7 +198,12 @@ fn plausible_email(email: &str) -> bool {
         && domain.split('.').all(|l| !l.is_empty())
 }
 
-async fn create_user(
+/// Creates a user; its `user.created` event is committed with it.
+#[utoipa::path(post, path = "/users", tag = "user-service",
+    params(("Idempotency-Key" = Option<String>, Header, description = "1-200 visible ASCII characters: a retry with the same key and request gets the first answer")),
+    request_body = NewUser,
+    responses((status = 201, description = "The user", body = User), ErrorResponses))]
+pub(crate) async fn create_user(
     State(state): State<AppState>,
     IdempotencyKey(key): IdempotencyKey,
     AppJson(input): AppJson<NewUser>,
@@ -204,7 +219,7 @@ async fn create_user(
             .execute(params![id, name, email, email_key(&email), created_at]);
         if let Err(e) = inserted {
             if e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation) {
-                return Err(ApiError::new(StatusCode::CONFLICT, "duplicate_email", format!("a user with email {email:?} already exists")).with_field("email"));
+                return Err(ApiError::new(StatusCode::CONFLICT, ErrorCode::DuplicateEmail, format!("a user with email {email:?} already exists")).with_field("email"));
             }
             return Err(e.into());
         }
@@ -218,7 +233,11 @@ async fn create_user(
     Ok((status, Json(body)))
 }
 
-async fn get_user(
+/// One user, with the balance transaction-service reported.
+#[utoipa::path(get, path = "/users/{id}", tag = "user-service",
+    params(("id" = String, Path, description = "A user id", pattern = r"^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[1-9][0-9]{0,18})$")),
+    responses((status = 200, description = "The user", body = User), ErrorResponses))]
+pub(crate) async fn get_user(
     State(state): State<AppState>,
     AppPath(id): AppPath<UserId>,
 ) -> Result<Json<User>, ApiError> {
@@ -234,15 +253,31 @@ fn find_user(c: &Connection, id: &UserId) -> rusqlite::Result<Option<User>> {
         .optional()
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
-struct ListQuery {
+#[into_params(parameter_in = Query)]
+pub(crate) struct ListQuery {
+    /// Users per page, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<u32>,
     /// The id of the last user of the previous page.
+    #[param(value_type = Option<String>, pattern = r"^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[1-9][0-9]{0,18})$")]
     after: Option<UserId>,
 }
 
-async fn list_users(
+/// A page of users.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct UserPage {
+    users: Vec<User>,
+    /// The `after` of the next page; null on the last one.
+    #[schema(value_type = Option<String>)]
+    next_after: Option<UserId>,
+}
+
+/// Users in the order they were created.
+#[utoipa::path(get, path = "/users", tag = "user-service", params(ListQuery),
+    responses((status = 200, description = "A page of users", body = UserPage), ErrorResponses))]
+pub(crate) async fn list_users(
     State(state): State<AppState>,
     AppQuery(q): AppQuery<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
@@ -275,7 +310,7 @@ async fn list_users(
     let next_after = (users.len() == limit as usize)
         .then(|| users.last().map(|u| u.id.clone()))
         .flatten();
-    Ok(Json(json!({ "users": users, "next_after": next_after })))
+    Ok(Json(json!(UserPage { users, next_after })))
 }
 
 /// Applies a `transaction.created` event: the user's balance moves by its amount.
@@ -348,3 +383,14 @@ mod tests {
         assert!(validate(&user("Ada", "ada.lovelace+x@math.example.org")).is_ok());
     }
 }
+
+/// user-service's API, for GET /openapi.json.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "user-service",
+        description = "Users, and their balances as transaction-service reports them."
+    ),
+    paths(create_user, get_user, list_users)
+)]
+pub struct Api;

@@ -50,6 +50,16 @@ fn api_with(
     )
 }
 
+/// The OpenAPI document of the service whose schema is `schema`.
+fn doc_of(schema: &Schema) -> utoipa::openapi::OpenApi {
+    use utoipa::OpenApi;
+    if schema.component == user_service::SCHEMA.component {
+        user_service::Api::openapi()
+    } else {
+        transaction_service::Api::openapi()
+    }
+}
+
 /// A service whose database is at `path`; `dir` is kept as long as the service.
 fn api_at(
     dir: tempfile::TempDir,
@@ -74,7 +84,7 @@ fn api_at(
         consumer: Arc::new(ConsumerStatus::default()),
     };
     Api {
-        app: service::app(routes, state.clone()),
+        app: service::app(routes, doc_of(&schema), state.clone()),
         db: state.db,
         path,
         _dir: dir,
@@ -862,4 +872,15 @@ async fn emails_are_unique_after_unicode_case_folding_and_normalisation() {
     let body = serde_json::json!({ "name": "New", "email": "STRASSE@example.com" }).to_string();
     let (status, err) = users.post("/users", &body).await;
     assert_eq!(status, StatusCode::CONFLICT, "ß folds to ss: {err}");
+}
+
+#[tokio::test]
+async fn each_service_serves_its_openapi_document() {
+    for (api, path) in [(users_api(), "/users"), (ledger_api(), "/transactions")] {
+        let (status, doc) = api.call("GET", "/openapi.json", None, &[]).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(doc["openapi"], "3.1.0");
+        assert!(doc["paths"][path].is_object(), "{path} documented");
+        assert!(doc["paths"]["/healthz"].is_object());
+    }
 }

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
-use services::{wait_until, Service};
+use services::{drained, wait_until, Service};
 use support::Broker;
 
 fn verify(dir: &Path) -> (i32, String) {
@@ -42,14 +42,6 @@ fn verify_with(dir: &Path, extra: &[&str]) -> (i32, String) {
             String::from_utf8_lossy(&out.stderr)
         ),
     )
-}
-
-fn drained(s: &Service) -> bool {
-    let (_, st) = s.get("/outbox");
-    let lag: u64 = st["consumer"]["streams"].as_object().map_or(1, |m| {
-        m.values().map(|v| v["lag"].as_u64().unwrap_or(1)).sum()
-    });
-    st["outbox"]["pending"] == 0 && lag == 0
 }
 
 #[test]

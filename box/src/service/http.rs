@@ -30,27 +30,96 @@ pub struct AppState {
     pub consumer: Arc<ConsumerStatus>,
 }
 
+/// Every `error` code an answer can carry: the README's API reference lists the same
+/// (a test compares them), and the OpenAPI document (GET /openapi.json) is made from
+/// this type, so neither can name a code the services do not have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    MalformedJson,
+    InvalidQuery,
+    InvalidPath,
+    InvalidHeader,
+    NotFound,
+    MethodNotAllowed,
+    RequestTimeout,
+    DuplicateEmail,
+    BodyTooLarge,
+    EventTooLarge,
+    UnsupportedMediaType,
+    InvalidField,
+    InsufficientFunds,
+    IdempotencyKeyReused,
+    StorageBusy,
+    StorageFull,
+    StorageError,
+    BacklogFull,
+    Internal,
+}
+
 /// An error answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
     pub status: StatusCode,
     /// Stable, machine-readable: `malformed_json`, `invalid_field`, `not_found`, ...
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
     /// The request field at fault, when there is one.
     pub field: Option<String>,
 }
 
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    error: &'a str,
-    message: &'a str,
+/// The body of every error answer.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = Error)]
+pub struct ErrorBody {
+    /// What went wrong, for programs.
+    error: ErrorCode,
+    /// What went wrong, for people.
+    message: String,
+    /// The request field (or query parameter) at fault, when one is.
     #[serde(skip_serializing_if = "Option::is_none")]
-    field: Option<&'a str>,
+    field: Option<String>,
+}
+
+/// The error answers of every operation, as the OpenAPI document lists them.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // a description for the document, never built
+pub enum ErrorResponses {
+    /// `malformed_json`, `invalid_query`, `invalid_path` or `invalid_header`.
+    #[response(status = 400)]
+    BadRequest(ErrorBody),
+    /// `not_found`: no such id (or route).
+    #[response(status = 404)]
+    NotFound(ErrorBody),
+    /// `method_not_allowed`.
+    #[response(status = 405)]
+    MethodNotAllowed(ErrorBody),
+    /// `request_timeout`: the body did not arrive in time.
+    #[response(status = 408)]
+    RequestTimeout(ErrorBody),
+    /// `duplicate_email`.
+    #[response(status = 409)]
+    Conflict(ErrorBody),
+    /// `body_too_large` or `event_too_large`.
+    #[response(status = 413)]
+    TooLarge(ErrorBody),
+    /// `unsupported_media_type`: no `Content-Type: application/json`.
+    #[response(status = 415)]
+    UnsupportedMediaType(ErrorBody),
+    /// `invalid_field`, `insufficient_funds` or `idempotency_key_reused`.
+    #[response(status = 422)]
+    Unprocessable(ErrorBody),
+    /// `internal`: a bug; the cause is in the service log.
+    #[response(status = 500)]
+    Internal(ErrorBody),
+    /// `storage_busy`, `storage_full`, `storage_error` or `backlog_full`: retry later
+    /// with the same `Idempotency-Key`.
+    #[response(status = 503)]
+    Unavailable(ErrorBody),
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
             code,
@@ -63,18 +132,22 @@ impl ApiError {
     pub fn invalid(field: &str, message: impl Into<String>) -> ApiError {
         ApiError {
             field: Some(field.to_owned()),
-            ..ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", message)
+            ..ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorCode::InvalidField,
+                message,
+            )
         }
     }
 
     /// 400 `invalid_query` naming the query parameter `field`.
     pub fn invalid_query(field: &str, message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", message).with_field(field)
+        ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::InvalidQuery, message).with_field(field)
     }
 
     /// 404 `not_found`.
     pub fn not_found(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+        ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, message)
     }
 
     /// 500 with a generic message; the cause is logged, not sent.
@@ -82,7 +155,7 @@ impl ApiError {
         tracing::error!(error = %cause, "internal error");
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
+            ErrorCode::Internal,
             "internal error; see the service log",
         )
     }
@@ -97,8 +170,8 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = ErrorBody {
             error: self.code,
-            message: &self.message,
-            field: self.field.as_deref(),
+            message: self.message,
+            field: self.field,
         };
         (self.status, Json(body)).into_response()
     }
@@ -110,14 +183,14 @@ impl From<DbError> for ApiError {
             tracing::error!(error = %e, "write refused: the disk is full");
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "storage_full",
+                ErrorCode::StorageFull,
                 "the disk is full; nothing was written, try again later",
             )
         } else if e.is_io_error() {
             tracing::error!(error = %e, "write failed: disk I/O error");
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "storage_error",
+                ErrorCode::StorageError,
                 "the disk reported an I/O error; the write may or may not have been kept: retry with the same Idempotency-Key",
             )
         } else if matches!(e, DbError::Commit { .. }) {
@@ -125,14 +198,14 @@ impl From<DbError> for ApiError {
             tracing::error!(error = %e, "write failed: its batch could not be committed");
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "storage_error",
+                ErrorCode::StorageError,
                 "the database could not commit this write; nothing was kept: retry with the same Idempotency-Key",
             )
         } else if e.is_retryable() {
             tracing::warn!(error = %e, "write refused: database busy");
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "storage_busy",
+                ErrorCode::StorageBusy,
                 "the database is busy; nothing was written, try again",
             )
         } else {
@@ -155,13 +228,13 @@ impl From<OutboxError> for ApiError {
                 tracing::warn!(error = %e, "write refused: outbox backlog full");
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "backlog_full",
+                    ErrorCode::BacklogFull,
                     e.to_string(),
                 )
             }
             OutboxError::PayloadTooLarge { .. } => ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                "event_too_large",
+                ErrorCode::EventTooLarge,
                 e.to_string(),
             ),
             other => ApiError::internal(other),
@@ -195,7 +268,7 @@ where
         if !json_type {
             return Err(ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
+                ErrorCode::UnsupportedMediaType,
                 "send the body as JSON with Content-Type: application/json",
             ));
         }
@@ -208,7 +281,7 @@ where
             Some(limit) => tokio::time::timeout(limit, read).await.map_err(|_| {
                 ApiError::new(
                     StatusCode::REQUEST_TIMEOUT,
-                    "request_timeout",
+                    ErrorCode::RequestTimeout,
                     format!(
                         "the body did not arrive within {} ms (--http-body-timeout-ms)",
                         limit.as_millis()
@@ -221,13 +294,13 @@ where
             if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
-                    "body_too_large",
+                    ErrorCode::BodyTooLarge,
                     format!("the body exceeds {BODY_MAX_BYTES} bytes"),
                 )
             } else {
                 ApiError::new(
                     StatusCode::BAD_REQUEST,
-                    "malformed_json",
+                    ErrorCode::MalformedJson,
                     format!("the body could not be read: {}", e.body_text()),
                 )
             }
@@ -243,14 +316,14 @@ pub fn parse_json_object<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
     let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
-            "malformed_json",
+            ErrorCode::MalformedJson,
             format!("the body is not valid JSON: {e}"),
         )
     })?;
     if !value.is_object() {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_field",
+            ErrorCode::InvalidField,
             "the body must be a JSON object",
         ));
     }
@@ -269,7 +342,11 @@ pub fn parse_json_object<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
             Some(f) if !detail.contains(f.as_str()) => format!("{f}: {detail}"),
             _ => detail,
         };
-        let mut err = ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", message);
+        let mut err = ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::InvalidField,
+            message,
+        );
         err.field = field;
         err
     })
@@ -289,7 +366,7 @@ fn echoed(path: &str) -> String {
 pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
+        ErrorCode::MethodNotAllowed,
         format!("{method} is not allowed on {}", echoed(uri.path())),
     )
 }
@@ -328,8 +405,11 @@ where
                     .body_text()
                     .trim_start_matches("Failed to deserialize query string: ")
                     .to_owned();
-                let mut err =
-                    ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", detail.clone());
+                let mut err = ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    ErrorCode::InvalidQuery,
+                    detail.clone(),
+                );
                 err.field = field_of(&detail);
                 err
             })
@@ -351,13 +431,19 @@ where
         // Checked on the decoded values, as the typed extractor will parse them.
         let raw = axum::extract::RawPathParams::from_request_parts(parts, state)
             .await
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_path", e.body_text()))?;
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    ErrorCode::InvalidPath,
+                    e.body_text(),
+                )
+            })?;
         for (_, value) in raw.iter() {
             if let Ok(n) = value.parse::<i64>() {
                 if n.to_string() != value {
                     return Err(ApiError::new(
                         StatusCode::BAD_REQUEST,
-                        "invalid_path",
+                        ErrorCode::InvalidPath,
                         format!("{value:?}: ids in paths are written in decimal without a plus sign or leading zeros (e.g. /users/1)"),
                     ));
                 }
@@ -367,7 +453,11 @@ where
             .await
             .map(|p| AppPath(p.0))
             .map_err(|e: PathRejection| {
-                ApiError::new(StatusCode::BAD_REQUEST, "invalid_path", e.body_text())
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    ErrorCode::InvalidPath,
+                    e.body_text(),
+                )
             })
     }
 }

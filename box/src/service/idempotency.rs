@@ -11,7 +11,7 @@ use axum::http::StatusCode;
 use rusqlite::{params, OptionalExtension, Transaction};
 use serde_json::Value;
 
-use super::http::ApiError;
+use super::http::{ApiError, ErrorCode};
 use edge_outbox::clock::now_ms;
 use edge_outbox::storage::Database;
 
@@ -34,7 +34,7 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
         if values.next().is_some() {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
-                "invalid_header",
+                ErrorCode::InvalidHeader,
                 format!("{HEADER} was sent more than once; send one key per request"),
             )
             .with_field(HEADER));
@@ -46,7 +46,7 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
             Some(k) => Ok(IdempotencyKey(Some(k.to_owned()))),
             None => Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
-                "invalid_header",
+                ErrorCode::InvalidHeader,
                 format!("{HEADER} must be 1 to {KEY_MAX_BYTES} visible ASCII characters"),
             )
             .with_field(HEADER)),
@@ -129,7 +129,7 @@ fn lookup(tx: &Transaction, key: &str, request: &str) -> Result<Option<Answer>, 
     if stored_request != request {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
-            "idempotency_key_reused",
+            ErrorCode::IdempotencyKeyReused,
             format!("this {HEADER} was already used for a different request"),
         )
         .with_field(HEADER));

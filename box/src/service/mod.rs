@@ -113,8 +113,10 @@ pub struct Spec {
     pub name: &'static str,
     /// Its domain tables.
     pub schema: Schema,
-    /// Its HTTP routes (the status routes are added to them).
+    /// Its HTTP routes (the status routes and GET /openapi.json are added to them).
     pub routes: Router<AppState>,
+    /// The OpenAPI document of `routes` (see [`openapi`]).
+    pub api: utoipa::openapi::OpenApi,
     /// The streams of other services it consumes, and how it applies their events.
     pub consumes: Vec<StreamKey>,
     pub handlers: Handlers,
@@ -123,10 +125,28 @@ pub struct Spec {
     pub prepare: Option<fn(&rusqlite::Transaction) -> rusqlite::Result<usize>>,
 }
 
-/// The whole router of a service: its routes, the status routes, the body limit.
-pub fn app(routes: Router<AppState>, state: AppState) -> Router {
+/// The OpenAPI 3.1 document of a service whose own operations are in `api`: made from
+/// the handlers and types by utoipa, so it cannot drift from the code.
+pub fn openapi(mut api: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
+    use utoipa::OpenApi;
+    api.merge(status::Api::openapi());
+    api.info.version = env!("CARGO_PKG_VERSION").to_owned();
+    api
+}
+
+/// The whole router of a service: its routes, the status routes, GET /openapi.json,
+/// the body limit.
+pub fn app(routes: Router<AppState>, api: utoipa::openapi::OpenApi, state: AppState) -> Router {
+    let doc = std::sync::Arc::new(openapi(api));
     routes
         .merge(status::routes())
+        .route(
+            "/openapi.json",
+            axum::routing::get(move || {
+                let doc = doc.clone();
+                async move { axum::Json(doc.as_ref().clone()) }
+            }),
+        )
         .fallback(http::not_found)
         .method_not_allowed_fallback(http::method_not_allowed)
         .layer(DefaultBodyLimit::max(http::BODY_MAX_BYTES))
@@ -274,7 +294,7 @@ pub async fn run(spec: Spec, args: ServiceArgs, shutdown: CancellationToken) -> 
     ));
     server::serve(
         listener,
-        app(spec.routes, state),
+        app(spec.routes, spec.api, state),
         http_limits,
         shutdown.clone(),
         Config::ms(cfg.shutdown_timeout_ms),

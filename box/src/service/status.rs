@@ -11,7 +11,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::http::{next_after, page, ApiError, AppQuery, AppState};
+use super::http::{next_after, page, ApiError, AppQuery, AppState, ErrorResponses};
 use edge_outbox::outbox::{self, RowFilter};
 
 pub fn routes() -> Router<AppState> {
@@ -21,12 +21,25 @@ pub fn routes() -> Router<AppState> {
         .route("/outbox/events", get(outbox_events))
 }
 
+/// The endpoints both services have, for GET /openapi.json.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    paths(healthz, outbox_status, outbox_events),
+    components(schemas(super::http::ErrorBody, super::http::ErrorCode))
+)]
+pub struct Api;
+
 /// 200 `{"status":"ok"}` when the database answers and the broker delivers what this
 /// service publishes; 503 `{"status":"degraded","reason":...}` when the relay's probe
 /// finds that the broker drops its publishes (an ACL that denies them) or the broker
 /// refuses its credentials. A broker that is merely down is not "degraded": writes go
 /// on, offline first.
-async fn healthz(State(state): State<AppState>) -> Result<(StatusCode, Json<Value>), ApiError> {
+#[utoipa::path(get, path = "/healthz", tag = "both services",
+    responses((status = 200, description = "`{\"status\":\"ok\"}`", body = Object),
+              (status = 503, description = "`{\"status\":\"degraded\",\"reason\":...}`", body = Object)))]
+pub(crate) async fn healthz(
+    State(state): State<AppState>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
     state
         .db
         .read(|c| Ok(c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?))
@@ -58,7 +71,10 @@ struct StreamStatus {
     first_held_seq: u64,
 }
 
-async fn outbox_status(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+/// What the outbox, the relay and the consumer are doing.
+#[utoipa::path(get, path = "/outbox", tag = "both services",
+    responses((status = 200, description = "Status", body = Object), ErrorResponses))]
+pub(crate) async fn outbox_status(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let (stats, streams, dead_letters, backlog, epoch, orphaned) = state
         .db
         .read(|c| {
@@ -136,17 +152,26 @@ async fn outbox_status(State(state): State<AppState>) -> Result<Json<Value>, Api
     })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
-struct EventsQuery {
+#[into_params(parameter_in = Query)]
+pub(crate) struct EventsQuery {
+    /// "pending", "published" or "all" (default).
     status: Option<String>,
     /// "asc" (default, oldest first) or "desc" (newest first; `after` then pages down).
     order: Option<String>,
+    /// The row id to continue after.
+    #[param(minimum = 0)]
     after: Option<i64>,
+    /// Rows per page, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<u32>,
 }
 
-async fn outbox_events(
+/// The outbox rows themselves.
+#[utoipa::path(get, path = "/outbox/events", tag = "both services", params(EventsQuery),
+    responses((status = 200, description = "A page of outbox rows", body = Object), ErrorResponses))]
+pub(crate) async fn outbox_events(
     State(state): State<AppState>,
     AppQuery(q): AppQuery<EventsQuery>,
 ) -> Result<Json<Value>, ApiError> {

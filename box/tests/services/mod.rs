@@ -156,3 +156,13 @@ pub fn wait_until(what: &str, secs: u64, mut check: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Nothing pending in the service's outbox and no consumer lag.
+#[allow(dead_code)] // not every test file that includes this module uses it
+pub fn drained(s: &Service) -> bool {
+    let (_, st) = s.get("/outbox");
+    let lag: u64 = st["consumer"]["streams"].as_object().map_or(1, |m| {
+        m.values().map(|v| v["lag"].as_u64().unwrap_or(1)).sum()
+    });
+    st["outbox"]["pending"] == 0 && lag == 0
+}
