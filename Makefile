@@ -32,6 +32,7 @@ help:
 	@echo "make test     install Mosquitto (and schemathesis, for the API fuzz test) if missing, run every"
 	@echo "              test against real brokers and databases,"
 	@echo "              the library's doc examples, and check its docs and dependencies"
+	@echo "make fuzz-deps  install schemathesis (for the API fuzz test) into cargo's output folder"
 	@echo "make watch    print every event on the broker (needs run-all in another terminal)"
 	@echo "make demo     create a user and follow its events step by step (needs run-all)"
 	@echo "make demo-offline  a box of its own keeps working with its broker stopped, then drains"
@@ -52,12 +53,15 @@ deps:
 
 # Python's venv module (Debian: python3-venv), then schemathesis into $(FUZZ_VENV).
 fuzz-deps:
+	@if ! python3 -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null && command -v python3 >/dev/null; then \
+		echo "schemathesis $(SCHEMATHESIS_VERSION) needs Python 3.11 or later; python3 here is $$(python3 --version 2>&1)"; exit 1; \
+	fi
 	@if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then \
 		echo "installing python3-venv"; \
 		export DEBIAN_FRONTEND=noninteractive; \
 		$(SUDO) apt-get install -y python3-venv || { $(SUDO) apt-get update && $(SUDO) apt-get install -y python3-venv; }; \
 	fi
-	@if ! "$(FUZZ_VENV)/bin/st" --version 2>/dev/null | grep -q "$(SCHEMATHESIS_VERSION)"; then \
+	@if ! "$(FUZZ_VENV)/bin/st" --version 2>/dev/null | grep -qxF "st, version $(SCHEMATHESIS_VERSION)"; then \
 		echo "installing schemathesis $(SCHEMATHESIS_VERSION) into $(FUZZ_VENV)"; \
 		rm -rf "$(FUZZ_VENV)" && python3 -m venv "$(FUZZ_VENV)" \
 			&& "$(FUZZ_VENV)/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$(SCHEMATHESIS_VERSION)"; \

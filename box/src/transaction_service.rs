@@ -22,7 +22,8 @@ use crate::contract::{
     USER_CREATED,
 };
 use crate::service::http::{
-    next_after, page, ApiError, AppJson, AppPath, AppQuery, ErrorCode, ErrorResponses,
+    next_after, page, ApiError, AppJson, AppPath, AppQuery, ErrorCode, LedgerWriteErrors,
+    ReadErrors,
 };
 use crate::service::idempotency::{self, IdempotencyKey};
 use crate::service::{AppState, Spec};
@@ -139,7 +140,7 @@ pub struct NewTransaction {
     pub kind: Kind,
     /// At most 500 characters, no control characters.
     #[serde(default)]
-    #[schema(max_length = 2000)]
+    #[schema(max_length = 500)]
     pub description: Option<String>,
 }
 
@@ -225,9 +226,9 @@ fn unknown_user(user_id: &UserId) -> ApiError {
 
 /// Records a credit or a debit; its `transaction.created` event is committed with it.
 #[utoipa::path(post, path = "/transactions", tag = "transaction-service",
-    params(("Idempotency-Key" = Option<String>, Header, description = "1-200 visible ASCII characters: a retry with the same key and request gets the first answer")),
+    params(("Idempotency-Key" = Option<String>, Header, description = "1-200 visible ASCII characters: a retry with the same key and request gets the first answer", pattern = r"^[!-~]{1,200}$")),
     request_body = NewTransaction,
-    responses((status = 201, description = "The ledger entry", body = LedgerEntry), ErrorResponses))]
+    responses((status = 201, description = "The ledger entry", body = LedgerEntry), LedgerWriteErrors))]
 pub(crate) async fn create_transaction(
     State(state): State<AppState>,
     IdempotencyKey(key): IdempotencyKey,
@@ -242,7 +243,6 @@ pub(crate) async fn create_transaction(
             .ok_or_else(|| unknown_user(&user_id).with_field("user_id"))?;
         if kind == Kind::Debit && amount_cents > balance {
             return Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
                 ErrorCode::InsufficientFunds,
                 format!("a debit of {amount_cents} cents exceeds the balance of {balance} cents"),
             )
@@ -278,7 +278,7 @@ pub(crate) struct ListQuery {
 
 /// Ledger entries in the order they were recorded.
 #[utoipa::path(get, path = "/transactions", tag = "transaction-service", params(ListQuery),
-    responses((status = 200, description = "A page of ledger entries", body = LedgerPage), ErrorResponses))]
+    responses((status = 200, description = "A page of ledger entries", body = LedgerPage), ReadErrors))]
 pub(crate) async fn list_transactions(
     State(state): State<AppState>,
     AppQuery(q): AppQuery<ListQuery>,
@@ -305,7 +305,7 @@ pub(crate) async fn list_transactions(
 /// A user's balance, from transaction-service's own ledger.
 #[utoipa::path(get, path = "/users/{id}/balance", tag = "transaction-service",
     params(("id" = String, Path, description = "A user id", pattern = r"^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[1-9][0-9]{0,18})$")),
-    responses((status = 200, description = "The balance", body = Balance), ErrorResponses))]
+    responses((status = 200, description = "The balance", body = Balance), ReadErrors))]
 pub(crate) async fn balance(
     State(state): State<AppState>,
     AppPath(user_id): AppPath<UserId>,

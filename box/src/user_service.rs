@@ -19,7 +19,9 @@ use crate::contract::{
     TransactionCreated, User, UserId, TRANSACTIONS_STREAM, TRANSACTION_CREATED, USERS_STREAM,
     USER_CREATED,
 };
-use crate::service::http::{page, ApiError, AppJson, AppPath, AppQuery, ErrorCode, ErrorResponses};
+use crate::service::http::{
+    page, ApiError, AppJson, AppPath, AppQuery, ErrorCode, ReadErrors, UserWriteErrors,
+};
 use crate::service::idempotency::{self, IdempotencyKey};
 use crate::service::{AppState, Spec};
 
@@ -123,7 +125,7 @@ fn user_from(r: &Row<'_>) -> rusqlite::Result<User> {
 pub struct NewUser {
     /// 1-100 characters after trimming, at least one of them visible, no control
     /// characters.
-    #[schema(min_length = 1, max_length = 400)]
+    #[schema(min_length = 1, max_length = 100)]
     pub name: String,
     /// Like `name@example.com`, at most 254 bytes; unique after Unicode case folding.
     #[schema(
@@ -200,9 +202,9 @@ fn plausible_email(email: &str) -> bool {
 
 /// Creates a user; its `user.created` event is committed with it.
 #[utoipa::path(post, path = "/users", tag = "user-service",
-    params(("Idempotency-Key" = Option<String>, Header, description = "1-200 visible ASCII characters: a retry with the same key and request gets the first answer")),
+    params(("Idempotency-Key" = Option<String>, Header, description = "1-200 visible ASCII characters: a retry with the same key and request gets the first answer", pattern = r"^[!-~]{1,200}$")),
     request_body = NewUser,
-    responses((status = 201, description = "The user", body = User), ErrorResponses))]
+    responses((status = 201, description = "The user", body = User), UserWriteErrors))]
 pub(crate) async fn create_user(
     State(state): State<AppState>,
     IdempotencyKey(key): IdempotencyKey,
@@ -219,7 +221,7 @@ pub(crate) async fn create_user(
             .execute(params![id, name, email, email_key(&email), created_at]);
         if let Err(e) = inserted {
             if e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation) {
-                return Err(ApiError::new(StatusCode::CONFLICT, ErrorCode::DuplicateEmail, format!("a user with email {email:?} already exists")).with_field("email"));
+                return Err(ApiError::new(ErrorCode::DuplicateEmail, format!("a user with email {email:?} already exists")).with_field("email"));
             }
             return Err(e.into());
         }
@@ -236,7 +238,7 @@ pub(crate) async fn create_user(
 /// One user, with the balance transaction-service reported.
 #[utoipa::path(get, path = "/users/{id}", tag = "user-service",
     params(("id" = String, Path, description = "A user id", pattern = r"^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[1-9][0-9]{0,18})$")),
-    responses((status = 200, description = "The user", body = User), ErrorResponses))]
+    responses((status = 200, description = "The user", body = User), ReadErrors))]
 pub(crate) async fn get_user(
     State(state): State<AppState>,
     AppPath(id): AppPath<UserId>,
@@ -270,13 +272,13 @@ pub(crate) struct ListQuery {
 pub(crate) struct UserPage {
     users: Vec<User>,
     /// The `after` of the next page; null on the last one.
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, pattern = r"^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[1-9][0-9]{0,18})$")]
     next_after: Option<UserId>,
 }
 
 /// Users in the order they were created.
 #[utoipa::path(get, path = "/users", tag = "user-service", params(ListQuery),
-    responses((status = 200, description = "A page of users", body = UserPage), ErrorResponses))]
+    responses((status = 200, description = "A page of users", body = UserPage), ReadErrors))]
 pub(crate) async fn list_users(
     State(state): State<AppState>,
     AppQuery(q): AppQuery<ListQuery>,

@@ -13,12 +13,15 @@ mod services;
 mod support;
 
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use services::{drained, wait_until, Service};
 use support::Broker;
 
 /// Seconds of fuzzing per service.
 const FUZZ_SECS: &str = "30";
+/// A schemathesis run that has not ended after this is killed and the test fails.
+const WATCHDOG: Duration = Duration::from_secs(120);
 
 #[test]
 fn both_apis_conform_to_their_openapi_document_under_fuzzing_and_the_invariants_hold() {
@@ -42,24 +45,40 @@ fn both_apis_conform_to_their_openapi_document_under_fuzzing_and_the_invariants_
         env!("CARGO_BIN_EXE_transaction-service"),
     );
     for s in [&users, &ledger] {
-        let out = Command::new(&st)
+        // In the test's folder: schemathesis keeps a cache (with fuzzed bodies) in its
+        // working directory, which must not be the source tree.
+        let log = dir.path().join(format!("schemathesis-{}.log", s.name));
+        let mut child = Command::new(&st)
+            .current_dir(dir.path())
             .args(["run", &format!("{}/openapi.json", s.base)])
             .args([
                 "--checks",
                 "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
             ])
-            .args(["--max-time", FUZZ_SECS, "--workers", "1", "--no-color"])
+            .args(["--max-time", FUZZ_SECS, "--request-timeout", "5"])
+            .args(["--workers", "1", "--no-color"])
             .env("SCHEMATHESIS_HOOKS", "")
-            .output()
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
             .unwrap_or_else(|e| panic!("running {}: {e}", st.to_string_lossy()));
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        // --max-time bounds the run; this bounds a schemathesis that hangs anyway.
+        let deadline = Instant::now() + WATCHDOG;
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("schemathesis did not finish within {WATCHDOG:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
         println!("schemathesis against {}:\n{text}", s.name);
         assert!(
-            out.status.success(),
+            status.success(),
             "schemathesis found failures in {}:\n{text}\n{} log:\n{}",
             s.name,
             s.name,
@@ -80,6 +99,10 @@ fn both_apis_conform_to_their_openapi_document_under_fuzzing_and_the_invariants_
         .env_remove("WELCOME_CREDIT_CENTS")
         .output()
         .unwrap();
-    let report = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "verify after the fuzzing:\n{report}");
+    assert!(
+        out.status.success(),
+        "verify after the fuzzing:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -3,7 +3,8 @@
 
 use std::collections::BTreeSet;
 
-use edge_box::service::openapi;
+use edge_box::service::http::{ErrorCode, PAGE_MAX};
+use edge_box::service::{idempotency, openapi};
 use edge_box::{transaction_service, user_service};
 use serde_json::Value;
 use utoipa::OpenApi;
@@ -35,47 +36,100 @@ fn readme_errors() -> BTreeSet<(u16, String)> {
 }
 
 #[test]
-fn the_readme_and_the_openapi_document_list_the_same_error_codes_and_statuses() {
+fn the_readme_the_code_and_the_openapi_document_agree_on_every_error_code_and_status() {
     let readme = readme_errors();
-    assert!(
-        readme.len() > 10,
-        "the README's error table was not found: {readme:?}"
+    let code: BTreeSet<(u16, String)> = ErrorCode::ALL
+        .iter()
+        .map(|c| (c.status().as_u16(), c.as_str()))
+        .collect();
+    assert_eq!(
+        readme, code,
+        "(status, code): README (left) vs ErrorCode::status (right)"
     );
+    let codes: BTreeSet<String> = code.iter().map(|(_, c)| c.clone()).collect();
+    let statuses: BTreeSet<String> = code.iter().map(|(s, _)| s.to_string()).collect();
+    let mut answered = BTreeSet::new();
     for api in [
         user_service::Api::openapi(),
         transaction_service::Api::openapi(),
     ] {
         let doc = doc(api);
-        let codes: BTreeSet<String> = doc["components"]["schemas"]["ErrorCode"]["enum"]
+        let in_doc: BTreeSet<String> = doc["components"]["schemas"]["ErrorCode"]["enum"]
             .as_array()
             .expect("an ErrorCode enum in the document")
             .iter()
             .map(|c| c.as_str().unwrap().to_owned())
             .collect();
-        let readme_codes: BTreeSet<String> = readme.iter().map(|(_, c)| c.clone()).collect();
         assert_eq!(
-            codes, readme_codes,
-            "error codes: OpenAPI (left) vs README (right)"
+            in_doc, codes,
+            "error codes: document (left) vs ErrorCode (right)"
         );
-        let readme_statuses: BTreeSet<String> = readme.iter().map(|(s, _)| s.to_string()).collect();
         for (path, item) in doc["paths"].as_object().unwrap() {
             for (method, op) in item.as_object().unwrap() {
-                let statuses: BTreeSet<String> = op["responses"]
-                    .as_object()
-                    .unwrap()
-                    .keys()
-                    .filter(|s| s.starts_with('4') || s.starts_with('5'))
-                    .cloned()
-                    .collect();
-                if path == "/healthz" {
-                    continue; // 503 "degraded" only: it reads nothing a client sends
+                for status in op["responses"].as_object().unwrap().keys() {
+                    if status.starts_with('4') || status.starts_with('5') {
+                        assert!(
+                            statuses.contains(status),
+                            "{method} {path} documents {status}, which no code has"
+                        );
+                        answered.insert(status.clone());
+                    }
                 }
-                assert_eq!(
-                    statuses, readme_statuses,
-                    "{method} {path}: error statuses (left) vs README (right)"
-                );
             }
         }
+    }
+    // 405 is the answer for the methods an operation does not have: the fallback's.
+    let expected: BTreeSet<String> = statuses.into_iter().filter(|s| s != "405").collect();
+    assert_eq!(
+        answered, expected,
+        "statuses some operation documents vs the codes'"
+    );
+}
+
+#[test]
+fn the_documented_limits_are_the_ones_the_handlers_check() {
+    let users = doc(user_service::Api::openapi());
+    let ledger = doc(transaction_service::Api::openapi());
+    let schema = |d: &Value, name: &str, field: &str| {
+        d["components"]["schemas"][name]["properties"][field].clone()
+    };
+    assert_eq!(
+        schema(&users, "NewUser", "name")["maxLength"],
+        user_service::NAME_MAX_CHARS
+    );
+    assert_eq!(
+        schema(&users, "NewUser", "email")["maxLength"],
+        user_service::EMAIL_MAX_BYTES
+    );
+    assert_eq!(
+        schema(&ledger, "NewTransaction", "description")["maxLength"],
+        transaction_service::DESCRIPTION_MAX_CHARS
+    );
+    assert_eq!(
+        schema(&ledger, "NewTransaction", "amount_cents")["maximum"],
+        transaction_service::AMOUNT_MAX_CENTS
+    );
+    let params = |d: &Value, path: &str, method: &str| -> Vec<Value> {
+        d["paths"][path][method]["parameters"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    for (d, path) in [(&users, "/users"), (&ledger, "/transactions")] {
+        let limit = params(d, path, "get")
+            .into_iter()
+            .find(|p| p["name"] == "limit")
+            .expect("a limit parameter");
+        assert_eq!(limit["schema"]["maximum"], PAGE_MAX, "{path}");
+        let key = params(d, path, "post")
+            .into_iter()
+            .find(|p| p["name"] == idempotency::HEADER)
+            .expect("an Idempotency-Key parameter");
+        let pattern = key["schema"]["pattern"].as_str().unwrap_or_default();
+        assert!(
+            pattern.contains(&format!("{{1,{}}}", idempotency::KEY_MAX_BYTES)),
+            "{path}: {pattern}"
+        );
     }
 }
 
@@ -105,7 +159,7 @@ fn each_service_documents_its_routes_and_the_common_ones() {
 }
 
 #[test]
-fn every_user_id_in_the_document_has_the_pattern_of_user_id_parse() {
+fn every_user_id_in_the_document_has_the_one_user_id_pattern() {
     let mut found = 0;
     for api in [
         user_service::Api::openapi(),
@@ -130,5 +184,5 @@ fn every_user_id_in_the_document_has_the_pattern_of_user_id_parse() {
             }
         }
     }
-    assert!(found >= 7, "user ids with a pattern: {found}");
+    assert_eq!(found, 9, "user ids with a pattern");
 }

@@ -57,6 +57,60 @@ pub enum ErrorCode {
     Internal,
 }
 
+impl ErrorCode {
+    /// Every code.
+    pub const ALL: [ErrorCode; 19] = [
+        ErrorCode::MalformedJson,
+        ErrorCode::InvalidQuery,
+        ErrorCode::InvalidPath,
+        ErrorCode::InvalidHeader,
+        ErrorCode::NotFound,
+        ErrorCode::MethodNotAllowed,
+        ErrorCode::RequestTimeout,
+        ErrorCode::DuplicateEmail,
+        ErrorCode::BodyTooLarge,
+        ErrorCode::EventTooLarge,
+        ErrorCode::UnsupportedMediaType,
+        ErrorCode::InvalidField,
+        ErrorCode::InsufficientFunds,
+        ErrorCode::IdempotencyKeyReused,
+        ErrorCode::StorageBusy,
+        ErrorCode::StorageFull,
+        ErrorCode::StorageError,
+        ErrorCode::BacklogFull,
+        ErrorCode::Internal,
+    ];
+
+    /// The one status each code is answered with.
+    pub fn status(self) -> StatusCode {
+        use ErrorCode::*;
+        match self {
+            MalformedJson | InvalidQuery | InvalidPath | InvalidHeader => StatusCode::BAD_REQUEST,
+            NotFound => StatusCode::NOT_FOUND,
+            MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            DuplicateEmail => StatusCode::CONFLICT,
+            BodyTooLarge | EventTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            InvalidField | InsufficientFunds | IdempotencyKeyReused => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            StorageBusy | StorageFull | StorageError | BacklogFull => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The code as the answer spells it.
+    pub fn as_str(self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default()
+    }
+}
+
 /// An error answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
@@ -81,25 +135,68 @@ pub struct ErrorBody {
     field: Option<String>,
 }
 
-/// The error answers of every operation, as the OpenAPI document lists them.
+/// The error answers of a read (GET), as the OpenAPI document lists them.
 #[derive(utoipa::IntoResponses)]
 #[allow(dead_code)] // a description for the document, never built
-pub enum ErrorResponses {
-    /// `malformed_json`, `invalid_query`, `invalid_path` or `invalid_header`.
+pub enum ReadErrors {
+    /// `invalid_query` or `invalid_path`.
     #[response(status = 400)]
     BadRequest(ErrorBody),
-    /// `not_found`: no such id (or route).
+    /// `not_found`: no such id.
     #[response(status = 404)]
     NotFound(ErrorBody),
-    /// `method_not_allowed`.
-    #[response(status = 405)]
-    MethodNotAllowed(ErrorBody),
+    /// `internal`: a bug; the cause is in the service log.
+    #[response(status = 500)]
+    Internal(ErrorBody),
+    /// `storage_busy` or `storage_error`: retry later.
+    #[response(status = 503)]
+    Unavailable(ErrorBody),
+}
+
+/// The error answers of POST /users, as the OpenAPI document lists them.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // a description for the document, never built
+pub enum UserWriteErrors {
+    /// `malformed_json` or `invalid_header`.
+    #[response(status = 400)]
+    BadRequest(ErrorBody),
     /// `request_timeout`: the body did not arrive in time.
     #[response(status = 408)]
     RequestTimeout(ErrorBody),
     /// `duplicate_email`.
     #[response(status = 409)]
     Conflict(ErrorBody),
+    /// `body_too_large` or `event_too_large`.
+    #[response(status = 413)]
+    TooLarge(ErrorBody),
+    /// `unsupported_media_type`: no `Content-Type: application/json`.
+    #[response(status = 415)]
+    UnsupportedMediaType(ErrorBody),
+    /// `invalid_field` or `idempotency_key_reused`.
+    #[response(status = 422)]
+    Unprocessable(ErrorBody),
+    /// `internal`: a bug; the cause is in the service log.
+    #[response(status = 500)]
+    Internal(ErrorBody),
+    /// `storage_busy`, `storage_full`, `storage_error` or `backlog_full`: retry later
+    /// with the same `Idempotency-Key`.
+    #[response(status = 503)]
+    Unavailable(ErrorBody),
+}
+
+/// The error answers of POST /transactions, as the OpenAPI document lists them.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // a description for the document, never built
+pub enum LedgerWriteErrors {
+    /// `malformed_json` or `invalid_header`.
+    #[response(status = 400)]
+    BadRequest(ErrorBody),
+    /// `not_found`: transaction-service has not seen the user (yet).
+    #[response(status = 404)]
+    NotFound(ErrorBody),
+    /// `request_timeout`: the body did not arrive in time.
+    #[response(status = 408)]
+    RequestTimeout(ErrorBody),
     /// `body_too_large` or `event_too_large`.
     #[response(status = 413)]
     TooLarge(ErrorBody),
@@ -119,9 +216,10 @@ pub enum ErrorResponses {
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> ApiError {
+    /// An answer with `code`, and the status that goes with it ([`ErrorCode::status`]).
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
         ApiError {
-            status,
+            status: code.status(),
             code,
             message: message.into(),
             field: None,
@@ -132,32 +230,24 @@ impl ApiError {
     pub fn invalid(field: &str, message: impl Into<String>) -> ApiError {
         ApiError {
             field: Some(field.to_owned()),
-            ..ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                ErrorCode::InvalidField,
-                message,
-            )
+            ..ApiError::new(ErrorCode::InvalidField, message)
         }
     }
 
     /// 400 `invalid_query` naming the query parameter `field`.
     pub fn invalid_query(field: &str, message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::InvalidQuery, message).with_field(field)
+        ApiError::new(ErrorCode::InvalidQuery, message).with_field(field)
     }
 
     /// 404 `not_found`.
     pub fn not_found(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, message)
+        ApiError::new(ErrorCode::NotFound, message)
     }
 
     /// 500 with a generic message; the cause is logged, not sent.
     pub fn internal(cause: impl std::fmt::Display) -> ApiError {
         tracing::error!(error = %cause, "internal error");
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            ErrorCode::Internal,
-            "internal error; see the service log",
-        )
+        ApiError::new(ErrorCode::Internal, "internal error; see the service log")
     }
 
     pub fn with_field(mut self, field: &str) -> ApiError {
@@ -182,29 +272,23 @@ impl From<DbError> for ApiError {
         if e.is_disk_full() {
             tracing::error!(error = %e, "write refused: the disk is full");
             ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
                 ErrorCode::StorageFull,
                 "the disk is full; nothing was written, try again later",
             )
         } else if e.is_io_error() {
             tracing::error!(error = %e, "write failed: disk I/O error");
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                ErrorCode::StorageError,
+            ApiError::new(ErrorCode::StorageError,
                 "the disk reported an I/O error; the write may or may not have been kept: retry with the same Idempotency-Key",
             )
         } else if matches!(e, DbError::Commit { .. }) {
             // The whole group commit was rolled back: this request's writes with it.
             tracing::error!(error = %e, "write failed: its batch could not be committed");
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                ErrorCode::StorageError,
+            ApiError::new(ErrorCode::StorageError,
                 "the database could not commit this write; nothing was kept: retry with the same Idempotency-Key",
             )
         } else if e.is_retryable() {
             tracing::warn!(error = %e, "write refused: database busy");
             ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
                 ErrorCode::StorageBusy,
                 "the database is busy; nothing was written, try again",
             )
@@ -226,17 +310,11 @@ impl From<OutboxError> for ApiError {
             OutboxError::Db(e) => e.into(),
             e @ OutboxError::BacklogFull { .. } => {
                 tracing::warn!(error = %e, "write refused: outbox backlog full");
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    ErrorCode::BacklogFull,
-                    e.to_string(),
-                )
+                ApiError::new(ErrorCode::BacklogFull, e.to_string())
             }
-            OutboxError::PayloadTooLarge { .. } => ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                ErrorCode::EventTooLarge,
-                e.to_string(),
-            ),
+            OutboxError::PayloadTooLarge { .. } => {
+                ApiError::new(ErrorCode::EventTooLarge, e.to_string())
+            }
             other => ApiError::internal(other),
         }
     }
@@ -267,7 +345,6 @@ where
             });
         if !json_type {
             return Err(ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 ErrorCode::UnsupportedMediaType,
                 "send the body as JSON with Content-Type: application/json",
             ));
@@ -280,7 +357,6 @@ where
         let read = match limit {
             Some(limit) => tokio::time::timeout(limit, read).await.map_err(|_| {
                 ApiError::new(
-                    StatusCode::REQUEST_TIMEOUT,
                     ErrorCode::RequestTimeout,
                     format!(
                         "the body did not arrive within {} ms (--http-body-timeout-ms)",
@@ -293,13 +369,11 @@ where
         let body = read.map_err(|e| {
             if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
                     ErrorCode::BodyTooLarge,
                     format!("the body exceeds {BODY_MAX_BYTES} bytes"),
                 )
             } else {
                 ApiError::new(
-                    StatusCode::BAD_REQUEST,
                     ErrorCode::MalformedJson,
                     format!("the body could not be read: {}", e.body_text()),
                 )
@@ -315,14 +389,12 @@ pub fn parse_json_object<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
     // (serde would also take a struct from an array: ["Bob","bob@example.com"]).
     let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
         ApiError::new(
-            StatusCode::BAD_REQUEST,
             ErrorCode::MalformedJson,
             format!("the body is not valid JSON: {e}"),
         )
     })?;
     if !value.is_object() {
         return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
             ErrorCode::InvalidField,
             "the body must be a JSON object",
         ));
@@ -342,11 +414,7 @@ pub fn parse_json_object<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
             Some(f) if !detail.contains(f.as_str()) => format!("{f}: {detail}"),
             _ => detail,
         };
-        let mut err = ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            ErrorCode::InvalidField,
-            message,
-        );
+        let mut err = ApiError::new(ErrorCode::InvalidField, message);
         err.field = field;
         err
     })
@@ -365,7 +433,6 @@ fn echoed(path: &str) -> String {
 /// The answer to a method a route does not take: 405 `method_not_allowed`.
 pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
     ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
         ErrorCode::MethodNotAllowed,
         format!("{method} is not allowed on {}", echoed(uri.path())),
     )
@@ -405,11 +472,7 @@ where
                     .body_text()
                     .trim_start_matches("Failed to deserialize query string: ")
                     .to_owned();
-                let mut err = ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    ErrorCode::InvalidQuery,
-                    detail.clone(),
-                );
+                let mut err = ApiError::new(ErrorCode::InvalidQuery, detail.clone());
                 err.field = field_of(&detail);
                 err
             })
@@ -431,19 +494,11 @@ where
         // Checked on the decoded values, as the typed extractor will parse them.
         let raw = axum::extract::RawPathParams::from_request_parts(parts, state)
             .await
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    ErrorCode::InvalidPath,
-                    e.body_text(),
-                )
-            })?;
+            .map_err(|e| ApiError::new(ErrorCode::InvalidPath, e.body_text()))?;
         for (_, value) in raw.iter() {
             if let Ok(n) = value.parse::<i64>() {
                 if n.to_string() != value {
-                    return Err(ApiError::new(
-                        StatusCode::BAD_REQUEST,
-                        ErrorCode::InvalidPath,
+                    return Err(ApiError::new(ErrorCode::InvalidPath,
                         format!("{value:?}: ids in paths are written in decimal without a plus sign or leading zeros (e.g. /users/1)"),
                     ));
                 }
@@ -452,13 +507,7 @@ where
         axum::extract::Path::<T>::from_request_parts(parts, state)
             .await
             .map(|p| AppPath(p.0))
-            .map_err(|e: PathRejection| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    ErrorCode::InvalidPath,
-                    e.body_text(),
-                )
-            })
+            .map_err(|e: PathRejection| ApiError::new(ErrorCode::InvalidPath, e.body_text()))
     }
 }
 

@@ -33,7 +33,6 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
         };
         if values.next().is_some() {
             return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
                 ErrorCode::InvalidHeader,
                 format!("{HEADER} was sent more than once; send one key per request"),
             )
@@ -45,7 +44,6 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
         match valid {
             Some(k) => Ok(IdempotencyKey(Some(k.to_owned()))),
             None => Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
                 ErrorCode::InvalidHeader,
                 format!("{HEADER} must be 1 to {KEY_MAX_BYTES} visible ASCII characters"),
             )
@@ -128,7 +126,6 @@ fn lookup(tx: &Transaction, key: &str, request: &str) -> Result<Option<Answer>, 
     };
     if stored_request != request {
         return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
             ErrorCode::IdempotencyKeyReused,
             format!("this {HEADER} was already used for a different request"),
         )

@@ -137,14 +137,21 @@ pub fn openapi(mut api: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
 /// The whole router of a service: its routes, the status routes, GET /openapi.json,
 /// the body limit.
 pub fn app(routes: Router<AppState>, api: utoipa::openapi::OpenApi, state: AppState) -> Router {
-    let doc = std::sync::Arc::new(openapi(api));
+    let doc = axum::body::Bytes::from(
+        serde_json::to_vec(&openapi(api)).expect("the document serialises"),
+    );
     routes
         .merge(status::routes())
         .route(
             "/openapi.json",
             axum::routing::get(move || {
                 let doc = doc.clone();
-                async move { axum::Json(doc.as_ref().clone()) }
+                async move {
+                    (
+                        [(axum::http::header::CONTENT_TYPE, "application/json")],
+                        doc,
+                    )
+                }
             }),
         )
         .fallback(http::not_found)

@@ -11,7 +11,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::http::{next_after, page, ApiError, AppQuery, AppState, ErrorResponses};
+use super::http::{next_after, page, ApiError, AppQuery, AppState, ReadErrors};
 use edge_outbox::outbox::{self, RowFilter};
 
 pub fn routes() -> Router<AppState> {
@@ -36,7 +36,8 @@ pub struct Api;
 /// on, offline first.
 #[utoipa::path(get, path = "/healthz", tag = "both services",
     responses((status = 200, description = "`{\"status\":\"ok\"}`", body = Object),
-              (status = 503, description = "`{\"status\":\"degraded\",\"reason\":...}`", body = Object)))]
+              (status = 503, description = "`{\"status\":\"degraded\",\"reason\":...}`, or a storage error", body = Object),
+              (status = 500, description = "`internal`", body = super::http::ErrorBody)))]
 pub(crate) async fn healthz(
     State(state): State<AppState>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
@@ -73,7 +74,7 @@ struct StreamStatus {
 
 /// What the outbox, the relay and the consumer are doing.
 #[utoipa::path(get, path = "/outbox", tag = "both services",
-    responses((status = 200, description = "Status", body = Object), ErrorResponses))]
+    responses((status = 200, description = "Status", body = Object), ReadErrors))]
 pub(crate) async fn outbox_status(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let (stats, streams, dead_letters, backlog, epoch, orphaned) = state
         .db
@@ -170,7 +171,7 @@ pub(crate) struct EventsQuery {
 
 /// The outbox rows themselves.
 #[utoipa::path(get, path = "/outbox/events", tag = "both services", params(EventsQuery),
-    responses((status = 200, description = "A page of outbox rows", body = Object), ErrorResponses))]
+    responses((status = 200, description = "A page of outbox rows", body = Object), ReadErrors))]
 pub(crate) async fn outbox_events(
     State(state): State<AppState>,
     AppQuery(q): AppQuery<EventsQuery>,
