@@ -77,7 +77,7 @@ fn main() {
             latency_secs: 5,
         }
     };
-    edge_box::service::init_tracing();
+    edge_box::service::init_tracing(edge_box::service::LogFormat::Text);
     let started = Instant::now();
     let broker = Broker::start_with(&repo_broker_settings());
     let dir = tempfile::tempdir().unwrap();

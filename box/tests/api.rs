@@ -74,6 +74,7 @@ fn api_at(
         http_header_timeout_ms: 10_000,
         http_body_timeout_ms: 10_000,
         http_connections_max: 16,
+        log_format: edge_box::service::LogFormat::Text,
         outbox: cfg.clone(),
     };
     let db = service::open_database(&args, schema).unwrap();

@@ -502,3 +502,46 @@ fn mark_restored_begins_an_epoch_that_shares_all_the_backup_holds_and_creates_no
         "left as it was"
     );
 }
+
+#[test]
+fn logs_are_one_json_object_per_line_with_log_format_json_and_never_hold_the_password() {
+    const SECRET: &str = "pw-that-must-never-be-logged-7f3a";
+    let broker = Broker::start();
+    for format in ["json", "text"] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut users = Service::start_with(
+            "user-service",
+            env!("CARGO_BIN_EXE_user-service"),
+            dir.path(),
+            &broker.url(),
+            |cmd| {
+                cmd.args(["--topic-prefix", &format!("logs-{}", std::process::id())])
+                    .args(["--log-format", format, "--mqtt-username", "user-service"])
+                    .env("MQTT_PASSWORD", SECRET);
+            },
+        );
+        let (status, _) = users.post(
+            "/users",
+            json!({ "name": "Logged", "email": "logged@example.com" }),
+            None,
+        );
+        assert_eq!(status, 201);
+        users.terminate();
+        let log = users.log();
+        assert!(log.contains("user created"), "{format}: {log}");
+        assert!(
+            !log.contains(SECRET),
+            "{format}: the password is in the log"
+        );
+        if format == "json" {
+            for line in log.lines().filter(|l| !l.trim().is_empty()) {
+                let v: serde_json::Value =
+                    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+                assert!(
+                    v["level"].is_string() && v["timestamp"].is_string() && v["fields"].is_object(),
+                    "{line}"
+                );
+            }
+        }
+    }
+}

@@ -143,7 +143,7 @@ fn main() -> ExitCode {
 
 /// Runs an async command; an error is printed with its causes and exits 1.
 fn block_on(name: &str, f: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
-    edge_box::service::init_tracing();
+    edge_box::service::init_tracing(edge_box::service::LogFormat::Text);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

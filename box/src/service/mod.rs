@@ -36,6 +36,16 @@ pub const SERVICE_SCHEMA: Schema = Schema {
     }],
 };
 
+/// How log lines are written (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// For a person: one line per event, colours at a terminal.
+    #[default]
+    Text,
+    /// One JSON object per line: timestamp, level, target, fields.
+    Json,
+}
+
 /// Flags every service has. The defaults of `--db`, `--listen`, `--client-id` and
 /// `--source` differ per service; see [`parse_with_defaults`].
 #[derive(Debug, Clone, clap::Args)]
@@ -61,6 +71,11 @@ pub struct ServiceArgs {
     /// HTTP connections served at once; more wait in the kernel's accept queue.
     #[arg(long, env = "HTTP_CONNECTIONS_MAX", default_value_t = 512)]
     pub http_connections_max: usize,
+
+    /// Log lines as text for a person, or as one JSON object per line (for journald,
+    /// Vector or Loki). Either way on standard error, and never with a secret.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 
     #[command(flatten)]
     pub outbox: Config,
@@ -170,7 +185,7 @@ pub fn open_database(args: &ServiceArgs, schema: Schema) -> anyhow::Result<Datab
 /// Sets up logging, runs the service until SIGINT or SIGTERM, and turns an error into
 /// a message and exit code 1.
 pub fn main(name: &'static str, args: ServiceArgs, spec: impl FnOnce() -> Spec) -> ExitCode {
-    init_tracing();
+    init_tracing(args.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -196,16 +211,19 @@ pub fn main(name: &'static str, args: ServiceArgs, spec: impl FnOnce() -> Spec) 
 }
 
 /// Logs to stderr; `RUST_LOG` sets the level (default `info`).
-pub fn init_tracing() {
+pub fn init_tracing(format: LogFormat) {
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    // Colours only for a person at a terminal; not in files or run-all's prefixed lines.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => logs.json().with_current_span(false).try_init(),
+        // Colours only for a person at a terminal; not in files or run-all's prefixed lines.
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+    };
 }
 
 /// Cancels `shutdown` on the first SIGINT or SIGTERM; a second one exits at once.
