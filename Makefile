@@ -11,7 +11,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 USERS := http://127.0.0.1:8081
 LEDGER := http://127.0.0.1:8082
 
-.PHONY: help deps fuzz-deps build run-all watch demo demo-offline power-cut bench verify test test-docs check-deps clean
+.PHONY: help deps fuzz-deps build install install-files run-all watch demo demo-offline power-cut bench verify test test-docs check-deps clean
 
 # mosquitto_sub as the read-only observer that run-all creates. Its password goes
 # through a mosquitto_sub config file ($$XDG_CONFIG_HOME/mosquitto_sub, mode 0600),
@@ -32,6 +32,7 @@ help:
 	@echo "make test     install Mosquitto (and schemathesis, for the API fuzz test) if missing, run every"
 	@echo "              test against real brokers and databases,"
 	@echo "              the library's doc examples, and check its docs and dependencies"
+	@echo "make install  build, then install binaries, systemd units and docs (PREFIX=/usr/local, DESTDIR)"
 	@echo "make fuzz-deps  install schemathesis (for the API fuzz test) into cargo's output folder"
 	@echo "make watch    print every event on the broker (needs run-all in another terminal)"
 	@echo "make demo     create a user and follow its events step by step (needs run-all)"
@@ -69,6 +70,31 @@ fuzz-deps:
 
 build:
 	$(CARGO) build --release --locked
+
+# Binaries into $(PREFIX)/bin, the systemd units (naming them there) into
+# /etc/systemd/system, the example settings, broker config and docs into
+# $(PREFIX)/share/doc/edge-outbox; all under $(DESTDIR) when given (packaging).
+# docs/deploy.md says what to do next. install-files installs from $(BIN) without
+# building (the tests use it).
+PREFIX ?= /usr/local
+DESTDIR ?=
+DOC_DIR = $(DESTDIR)$(PREFIX)/share/doc/edge-outbox
+install: build install-files
+
+install-files:
+	@for b in user-service transaction-service edge-outbox; do \
+		[ -x "$(BIN)/$$b" ] || { echo "install: $(BIN)/$$b is missing: run make build first"; exit 1; }; \
+		install -D -m 0755 "$(BIN)/$$b" "$(DESTDIR)$(PREFIX)/bin/$$b"; \
+	done
+	@for u in deploy/systemd/*.service; do \
+		tmp=$$(mktemp) && sed 's|/usr/local/|$(PREFIX)/|g' "$$u" > "$$tmp" \
+			&& install -D -m 0644 "$$tmp" "$(DESTDIR)/etc/systemd/system/$$(basename "$$u")"; rm -f "$$tmp"; \
+	done
+	@install -D -m 0644 deploy/systemd/edge-outbox.env.example "$(DOC_DIR)/edge-outbox.env.example"
+	@install -D -m 0644 mosquitto.conf "$(DOC_DIR)/mosquitto.conf"
+	@install -D -m 0644 README.md "$(DOC_DIR)/README.md"
+	@for d in docs/*.md; do install -D -m 0644 "$$d" "$(DOC_DIR)/$$d"; done
+	@echo "installed into $(DESTDIR)$(PREFIX) and $(DESTDIR)/etc/systemd/system; next: docs/deploy.md"
 
 # Mosquitto started as root drops to the mosquitto user, which must own its
 # persistence folder.

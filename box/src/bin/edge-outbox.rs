@@ -66,6 +66,19 @@ enum Cmd {
     /// acknowledged request survived exactly once and verify passes. Prints one summary
     /// line; exits 1 on any violation. Without root or loop devices it says SKIPPED.
     PowerCut(PowerCut),
+    /// Create the broker's accounts and ACL in DIR (e.g. /etc/edge-outbox/mqtt): a
+    /// password file per service and for the read-only observer (made once, 0600),
+    /// Mosquitto's password file (hashes only) and ACL (rewritten every time, so that
+    /// they match). Prints the lines to put in Mosquitto's config. Needs
+    /// `mosquitto_passwd` (package mosquitto). run-all does the same in data/mqtt.
+    BrokerAccess {
+        /// Where the files go.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The services' --topic-prefix.
+        #[arg(long, default_value = edge_outbox::protocol::DEFAULT_TOPIC_PREFIX)]
+        topic_prefix: String,
+    },
     /// After restoring a service's database from a backup, and before starting the
     /// service: begin a new producer epoch, so that consumers that applied more than the
     /// backup holds record what is gone and never take the new events for it (see
@@ -114,6 +127,22 @@ fn main() -> ExitCode {
                 Err(e) => {
                     eprintln!("verify: error: {e}");
                     ExitCode::from(2)
+                }
+            }
+        }
+        Cmd::BrokerAccess { dir, topic_prefix } => {
+            match edge_box::admin::broker_access::ensure(&dir, &topic_prefix) {
+                Ok(access) => {
+                    println!(
+                        "# {}: accounts and ACL ready. Mosquitto's config needs:\n{}",
+                        dir.display(),
+                        access.mosquitto_conf_lines()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("broker-access: error: {e:#}");
+                    ExitCode::from(1)
                 }
             }
         }

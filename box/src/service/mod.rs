@@ -301,6 +301,11 @@ pub async fn run(spec: Spec, args: ServiceArgs, shutdown: CancellationToken) -> 
         source = %cfg.source,
         "ready"
     );
+    // Under systemd (Type=notify): ready now that the database is open and the port
+    // listens. Outside systemd NOTIFY_SOCKET is unset and this does nothing.
+    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "could not tell systemd that the service is ready");
+    }
 
     let relay_task = tokio::spawn(stop_all_when_done(
         "relay",
