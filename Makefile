@@ -79,21 +79,24 @@ build:
 PREFIX ?= /usr/local
 DESTDIR ?=
 DOC_DIR = $(DESTDIR)$(PREFIX)/share/doc/edge-outbox
-install: build install-files
+install: build
+	@$(MAKE) --no-print-directory install-files
 
 install-files:
+	@case "$(PREFIX)$(DESTDIR)" in *[[:space:]\|\&\']*) echo "install: PREFIX and DESTDIR must hold no spaces, |, & or quotes"; exit 1;; esac
 	@for b in user-service transaction-service edge-outbox; do \
 		[ -x "$(BIN)/$$b" ] || { echo "install: $(BIN)/$$b is missing: run make build first"; exit 1; }; \
-		install -D -m 0755 "$(BIN)/$$b" "$(DESTDIR)$(PREFIX)/bin/$$b"; \
+		install -D -m 0755 "$(BIN)/$$b" "$(DESTDIR)$(PREFIX)/bin/$$b" || exit 1; \
 	done
 	@for u in deploy/systemd/*.service; do \
 		tmp=$$(mktemp) && sed 's|/usr/local/|$(PREFIX)/|g' "$$u" > "$$tmp" \
-			&& install -D -m 0644 "$$tmp" "$(DESTDIR)/etc/systemd/system/$$(basename "$$u")"; rm -f "$$tmp"; \
+			&& install -D -m 0644 "$$tmp" "$(DESTDIR)/etc/systemd/system/$$(basename "$$u")" \
+			|| { rm -f "$$tmp"; exit 1; }; rm -f "$$tmp"; \
 	done
 	@install -D -m 0644 deploy/systemd/edge-outbox.env.example "$(DOC_DIR)/edge-outbox.env.example"
 	@install -D -m 0644 mosquitto.conf "$(DOC_DIR)/mosquitto.conf"
 	@install -D -m 0644 README.md "$(DOC_DIR)/README.md"
-	@for d in docs/*.md; do install -D -m 0644 "$$d" "$(DOC_DIR)/$$d"; done
+	@for d in docs/*.md; do install -D -m 0644 "$$d" "$(DOC_DIR)/$$d" || exit 1; done
 	@echo "installed into $(DESTDIR)$(PREFIX) and $(DESTDIR)/etc/systemd/system; next: docs/deploy.md"
 
 # Mosquitto started as root drops to the mosquitto user, which must own its

@@ -48,6 +48,26 @@ fn the_systemd_units_pass_systemd_analyze_verify() {
         std::fs::write(&path, local).unwrap();
         files.push(path);
     }
+    // Each service has a state folder of its own: two dynamic users sharing one would
+    // take it from each other at every start.
+    let state_dirs: Vec<String> = files
+        .iter()
+        .map(|f| {
+            let text = std::fs::read_to_string(f).unwrap();
+            let dir = text
+                .lines()
+                .find_map(|l| l.strip_prefix("StateDirectory="))
+                .expect("a StateDirectory")
+                .to_owned();
+            let db = text
+                .lines()
+                .find_map(|l| l.strip_prefix("Environment=DB_PATH="))
+                .expect("a DB_PATH");
+            assert!(db.starts_with(&format!("/var/lib/{dir}/")), "{db} in {dir}");
+            dir
+        })
+        .collect();
+    assert_ne!(state_dirs[0], state_dirs[1]);
     let out = Command::new("systemd-analyze")
         .args(["verify", "--man=no"])
         .args(&files)
@@ -176,12 +196,23 @@ fn make_install_puts_binaries_units_and_docs_under_destdir_and_prefix() {
 fn broker_access_creates_the_accounts_and_prints_the_broker_config_lines() {
     support::Broker::reserve(""); // fails loudly when mosquitto (mosquitto_passwd) is missing
     let dir = tempfile::tempdir().unwrap();
-    let mqtt = dir.path().join("mqtt");
+    // Folders that do not exist yet, as /etc/edge-outbox on a fresh box.
+    let mqtt = dir.path().join("etc/edge-outbox/mqtt");
     let out = Command::new(env!("CARGO_BIN_EXE_edge-outbox"))
         .args(["broker-access", "--dir", mqtt.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
+    use std::os::unix::fs::PermissionsExt;
+    for parent in [dir.path().join("etc"), dir.path().join("etc/edge-outbox")] {
+        let mode = std::fs::metadata(&parent).unwrap().permissions().mode();
+        assert_ne!(
+            mode & 0o001,
+            0,
+            "{} must let the broker's user through",
+            parent.display()
+        );
+    }
     let text = String::from_utf8_lossy(&out.stdout);
     for line in [
         "allow_anonymous false".to_owned(),

@@ -85,11 +85,33 @@ pub fn ensure(dir: &Path, topic_prefix: &str) -> anyhow::Result<BrokerAccess> {
     edge_outbox::protocol::validate_prefix(topic_prefix)
         .map_err(|e| anyhow::anyhow!("invalid topic prefix: {e}"))?;
     let gid = broker_group();
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("creating {}", dir.display()))?;
+    // The parents with the usual mode: the broker, which reads passwd and acl as its
+    // own user, must be able to pass through them (a 0700 /etc/edge-outbox stopped
+    // Mosquitto at start). Only the folder itself is closed.
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
+    }
+    if gid.is_some() {
+        // Every folder above must let the broker's user through.
+        for ancestor in dir.ancestors().skip(1) {
+            if let Ok(meta) = std::fs::metadata(ancestor) {
+                if meta.permissions().mode() & 0o001 == 0 && meta.gid() != gid.unwrap_or(0) {
+                    bail!(
+                        "{} is not searchable by others (mode {:o}): the broker, which reads {} as its own user, could not reach it; make it 0755",
+                        ancestor.display(),
+                        meta.permissions().mode() & 0o7777,
+                        dir.display()
+                    );
+                }
+            }
+        }
+    }
     let meta =
         std::fs::symlink_metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
     if !meta.is_dir() {

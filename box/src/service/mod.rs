@@ -204,7 +204,8 @@ pub fn main(name: &'static str, args: ServiceArgs, spec: impl FnOnce() -> Spec) 
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("{name}: error: {e:#}");
+            // Through the log, so that it is a JSON line too with --log-format json.
+            tracing::error!(service = name, "{e:#}");
             ExitCode::FAILURE
         }
     }
