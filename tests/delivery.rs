@@ -120,10 +120,25 @@ async fn relay_killed_between_puback_and_marking_delivers_again_and_the_consumer
 
     let relay = p.spawn_relay();
     p.wait_all_published().await;
-    wait_for("the consumer to see the redelivered duplicates", 20, || {
-        status.duplicates() >= 50
-    })
-    .await;
+    let counted = || {
+        format!(
+            "the consumer to see the redelivered duplicates (received {}, applied {}, duplicates {}, other epoch {}, dead-lettered {})",
+            status.received(),
+            status.applied(),
+            status.duplicates(),
+            status.other_epoch(),
+            status.dead_lettered()
+        )
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while status.duplicates() < 50 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after 20 s waiting for {}",
+            counted()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_exactly_once_in_order(&p.consumer_path(), 50);
     relay.stop().await;
     consumer.stop().await;

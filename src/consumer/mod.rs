@@ -88,6 +88,7 @@ pub struct ConsumerStatus {
     dead_lettered: AtomicU64,
     replays_requested: AtomicU64,
     epoch_changes: AtomicU64,
+    other_epoch: AtomicU64,
     orphaned: AtomicU64,
     producer_rewound: Mutex<Option<String>>,
     streams: Mutex<BTreeMap<String, StreamProgress>>,
@@ -122,6 +123,11 @@ impl ConsumerStatus {
     /// identity"); each is recorded in `inbox_epoch_changes`.
     pub fn epoch_changes(&self) -> u64 {
         self.epoch_changes.load(Ordering::Relaxed)
+    }
+    /// Events of another producer epoch than the one followed, acknowledged without
+    /// effect since start (they come again once the consumer follows the epoch).
+    pub fn other_epoch(&self) -> u64 {
+        self.other_epoch.load(Ordering::Relaxed)
     }
     /// Events applied here that their producer no longer has (its database was
     /// replaced or restored from an older backup), counted when epoch changes showed
@@ -498,6 +504,7 @@ impl Processor<'_> {
                 self.diverged.insert(key, (seq, applied_id));
             }
             Outcome::OtherEpoch { key, seq } => {
+                status.other_epoch.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(stream = %key, seq, "event of another producer epoch than the one followed: not applied");
             }
             Outcome::Duplicate { key, seq } => {

@@ -146,6 +146,7 @@ pub(crate) async fn outbox_status(State(state): State<AppState>) -> Result<Json<
             "replays_requested_since_start": consumer.replays_requested(),
             "dead_letters": dead_letters,
             "epoch_changes_since_start": consumer.epoch_changes(),
+            "other_epoch_since_start": consumer.other_epoch(),
             "orphaned_events": orphaned,
             "producer_rewound": consumer.producer_rewound(),
             "streams": positions,
