@@ -438,10 +438,13 @@ fn mark_restored_begins_an_epoch_that_shares_all_the_backup_holds_and_creates_no
         .query_row("SELECT epoch FROM outbox_epoch", [], |r| r.get(0))
         .unwrap();
 
-    let out = Command::new(env!("CARGO_BIN_EXE_edge-outbox"))
-        .args(["mark-restored", "--db", path.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let mark_restored = |db: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_edge-outbox"))
+            .args(["mark-restored", "--db", db.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let out = mark_restored(&path);
     assert!(out.status.success(), "{out:?}");
     let (epoch, previous, reason): (String, String, String) = support::inspect(&path)
         .query_row(
@@ -475,10 +478,7 @@ fn mark_restored_begins_an_epoch_that_shares_all_the_backup_holds_and_creates_no
     );
 
     let missing = dir.path().join("missing.db");
-    let out = Command::new(env!("CARGO_BIN_EXE_edge-outbox"))
-        .args(["mark-restored", "--db", missing.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = mark_restored(&missing);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("does not exist"),
@@ -487,10 +487,7 @@ fn mark_restored_begins_an_epoch_that_shares_all_the_backup_holds_and_creates_no
     assert!(!missing.exists(), "nothing created");
     let empty = dir.path().join("empty.db");
     std::fs::write(&empty, b"").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_edge-outbox"))
-        .args(["mark-restored", "--db", empty.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = mark_restored(&empty);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("not an SQLite database"),

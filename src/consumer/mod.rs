@@ -47,6 +47,10 @@ const ACK_RETRY: Duration = Duration::from_millis(5);
 const DISCONNECT_TIMEOUT: Duration = Duration::from_millis(1_000);
 /// Rows deleted per inbox retention transaction at most.
 const PRUNE_BATCH_ROWS: usize = 5_000;
+/// A producer's epoch changes are followed at most this often: a real one happens once
+/// per restore, and each costs a replay and a record in `inbox_epoch_changes`, so
+/// announcements flipping faster (forged, or stale copies) must not multiply them.
+const EPOCH_CHANGE_MIN_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Errors that stop the consumer from starting.
 #[derive(Debug, thiserror::Error)]
@@ -273,6 +277,7 @@ impl Consumer {
             epochs,
             gaps: HashMap::new(),
             diverged: HashMap::new(),
+            epoch_changed_at: HashMap::new(),
             report_due: false,
             dead_log: LogLimiter::new(Duration::from_secs(10)),
             epoch_log: LogLimiter::new(Duration::from_secs(60)),
@@ -378,6 +383,8 @@ struct Processor<'a> {
     /// Streams in which the producer's numbering went back, until it begins a new
     /// epoch: `(seq, id applied there)`, sent with the position reports.
     diverged: HashMap<StreamKey, (u64, String)>,
+    /// When each producer's epoch change was last followed (one entry per source).
+    epoch_changed_at: HashMap<String, Instant>,
     /// A divergence was found: report at once rather than at the next tick.
     report_due: bool,
     dead_log: LogLimiter,
@@ -580,16 +587,34 @@ impl Processor<'_> {
             }
             return;
         }
+        // Only the streams this consumer consumes: an announcement may list thousands.
+        let mut heads = heads;
+        let source = heads.source.clone();
+        heads.streams.retain(|stream, _| {
+            self.positions.contains_key(&StreamKey {
+                source: source.clone(),
+                stream: stream.clone(),
+            })
+        });
         if let Some(announced) = &heads.epoch {
             let follow = heads.streams.keys().any(|stream| {
                 let key = StreamKey {
                     source: heads.source.clone(),
                     stream: stream.clone(),
                 };
-                self.positions.contains_key(&key)
-                    && self.epochs.get(&key).and_then(|e| e.as_deref()) != Some(announced)
+                self.epochs.get(&key).and_then(|e| e.as_deref()) != Some(announced)
             });
-            if follow {
+            let recent = self
+                .epoch_changed_at
+                .get(&heads.source)
+                .is_some_and(|t| t.elapsed() < EPOCH_CHANGE_MIN_INTERVAL);
+            if follow && recent {
+                // A producer changes epochs once per restore: announcements that flip
+                // faster are not followed (each change costs a replay and a record).
+                if let Some(suppressed) = self.epoch_log.allow() {
+                    tracing::warn!(source = %heads.source, suppressed, "not following another epoch change of this producer so soon after the last one; its next announcement is considered");
+                }
+            } else if follow {
                 self.follow_epoch(&heads).await;
             }
         }
@@ -602,10 +627,13 @@ impl Processor<'_> {
             let Some(&position) = self.positions.get(&key) else {
                 continue; // a stream this consumer does not consume
             };
-            if heads.epoch.is_some()
-                && heads.epoch == self.epochs.get(&key).cloned().flatten()
-                && head.last < position
-            {
+            let followed = self.epochs.get(&key).cloned().flatten();
+            if heads.epoch.is_some() && followed.is_some() && heads.epoch != followed {
+                // Another epoch's heads say nothing about this position (the change
+                // was not followed): never skip or count on them.
+                continue;
+            }
+            if heads.epoch.is_some() && heads.epoch == followed && head.last < position {
                 rewound = Some(format!(
                     "{key}: position {position} in the producer's epoch, which announces only {} events",
                     head.last
@@ -686,6 +714,8 @@ impl Processor<'_> {
                 }
                 inbox::EpochFollow::Changed(c) => {
                     status.epoch_changes.fetch_add(1, Ordering::Relaxed);
+                    self.epoch_changed_at
+                        .insert(c.key.source.clone(), Instant::now());
                     let (stream, from, to) = (&c.key, &c.from_epoch, &c.to_epoch);
                     match c.orphaned {
                         Some((first, last)) => {

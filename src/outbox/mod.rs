@@ -550,6 +550,36 @@ fn restamp(payload: &[u8], epoch: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// The first sign in `report` (counting in this database's epoch) that the database
+/// was rewound: `(stream, position or divergent sequence, last sequence held)`.
+fn rewind_claim(
+    tx: &Transaction,
+    report: &protocol::PositionReport,
+) -> Result<Option<(String, u64, u64)>, DbError> {
+    for (stream, &position) in &report.positions {
+        let last = last_seq(tx, stream)?.unwrap_or(0);
+        if position > last {
+            return Ok(Some((stream.clone(), position, last)));
+        }
+    }
+    // A consumer applied another event at a number this database holds: taken when this
+    // database's own row at that number has another id (a claim naming the row's own
+    // id is false and ignored).
+    for (stream, d) in &report.diverged {
+        let here: Option<String> = tx
+            .prepare_cached("SELECT event_id FROM outbox WHERE stream = ?1 AND seq = ?2")?
+            .query_row(params![stream, d.seq.min(protocol::SEQ_MAX) as i64], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        if here.is_some_and(|id| id != d.applied_id) {
+            let last = last_seq(tx, stream)?.unwrap_or(0);
+            return Ok(Some((stream.clone(), d.seq, last)));
+        }
+    }
+    Ok(None)
+}
+
 /// What a position report told a producer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReportOutcome {
@@ -603,33 +633,7 @@ pub fn take_report(
     match &report.epoch {
         Some(e) if *e != current => return Ok(ReportOutcome::OtherEpoch),
         Some(_) => {
-            let mut rewound = None;
-            for (stream, &position) in &report.positions {
-                let last = last_seq(tx, stream)?.unwrap_or(0);
-                if position > last {
-                    rewound = Some((stream.clone(), position, last));
-                    break;
-                }
-            }
-            // A consumer applied another event at a number this database holds: taken
-            // when this database's own row at that number has another id (a claim
-            // naming the row's own id is false and ignored).
-            for (stream, d) in &report.diverged {
-                if rewound.is_some() {
-                    break;
-                }
-                let here: Option<String> = tx
-                    .prepare_cached("SELECT event_id FROM outbox WHERE stream = ?1 AND seq = ?2")?
-                    .query_row(params![stream, d.seq.min(protocol::SEQ_MAX) as i64], |r| {
-                        r.get(0)
-                    })
-                    .optional()?;
-                if here.is_some_and(|id| id != d.applied_id) {
-                    let last = last_seq(tx, stream)?.unwrap_or(0);
-                    rewound = Some((stream.clone(), d.seq, last));
-                }
-            }
-            if let Some((stream, position, last)) = rewound {
+            if let Some((stream, position, last)) = rewind_claim(tx, report)? {
                 if !may_rewind {
                     return Ok(ReportOutcome::RewindIgnored {
                         stream,
