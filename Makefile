@@ -11,7 +11,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 USERS := http://127.0.0.1:8081
 LEDGER := http://127.0.0.1:8082
 
-.PHONY: help deps fuzz-deps build install install-files run-all watch demo demo-offline power-cut bench verify test test-docs check-deps clean
+.PHONY: help deps fuzz-deps prometheus-deps check-alerts build install install-files run-all watch demo demo-offline power-cut bench verify test test-docs check-deps clean
 
 # mosquitto_sub as the read-only observer that run-all creates. Its password goes
 # through a mosquitto_sub config file ($$XDG_CONFIG_HOME/mosquitto_sub, mode 0600),
@@ -29,9 +29,9 @@ MODE ?= power
 
 help:
 	@echo "make run-all  install Mosquitto if missing, build, run the broker and both services (Ctrl-C stops all)"
-	@echo "make test     install Mosquitto (and schemathesis, for the API fuzz test) if missing, run every"
-	@echo "              test against real brokers and databases,"
-	@echo "              the library's doc examples, and check its docs and dependencies"
+	@echo "make test     install Mosquitto, Prometheus and schemathesis (for the API fuzz test) if missing,"
+	@echo "              run every test against real brokers and databases, the library's doc examples,"
+	@echo "              and check its docs, dependencies and the alert rules"
 	@echo "make install  build, then install binaries, systemd units and docs (PREFIX=/usr/local, DESTDIR)"
 	@echo "make fuzz-deps  install schemathesis (for the API fuzz test) into cargo's output folder"
 	@echo "make watch    print every event on the broker (needs run-all in another terminal)"
@@ -50,6 +50,15 @@ deps:
 		echo "installing mosquitto and mosquitto-clients"; \
 		export DEBIAN_FRONTEND=noninteractive; \
 		$(SUDO) apt-get install -y mosquitto mosquitto-clients || { $(SUDO) apt-get update && $(SUDO) apt-get install -y mosquitto mosquitto-clients; }; \
+	fi
+
+# Prometheus and promtool (Debian's prometheus package), for the scrape test
+# (box/tests/prometheus.rs) and the alert rules' checks.
+prometheus-deps:
+	@if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then \
+		echo "installing prometheus"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		$(SUDO) apt-get install -y --no-install-recommends prometheus || { $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends prometheus; }; \
 	fi
 
 # Python's venv module (Debian: python3-venv), then schemathesis into $(FUZZ_VENV).
@@ -95,6 +104,7 @@ install-files:
 	done
 	@install -D -m 0644 deploy/systemd/edge-outbox.env.example "$(DOC_DIR)/edge-outbox.env.example"
 	@install -D -m 0644 mosquitto.conf "$(DOC_DIR)/mosquitto.conf"
+	@for f in alerts.yml prometheus.yml.example; do install -D -m 0644 "deploy/prometheus/$$f" "$(DOC_DIR)/prometheus/$$f" || exit 1; done
 	@install -D -m 0644 README.md "$(DOC_DIR)/README.md"
 	@for d in docs/*.md; do install -D -m 0644 "$$d" "$(DOC_DIR)/$$d" || exit 1; done
 	@echo "installed into $(DESTDIR)$(PREFIX) and $(DESTDIR)/etc/systemd/system; next: docs/deploy.md"
@@ -157,14 +167,24 @@ demo:
 # cargo-nextest runs each test in its own process; plain cargo test works too. Both
 # cover the library and the box (the workspace's default members), and build
 # examples/embed.rs, which tests/example.rs runs against a real Mosquitto.
-test: deps fuzz-deps
+test: deps fuzz-deps prometheus-deps
 	@export SCHEMATHESIS="$$(realpath "$(FUZZ_VENV)/bin/st")"; \
 	if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run --locked --workspace --no-fail-fast; \
 	else \
 		$(CARGO) test --locked --workspace --no-fail-fast; \
 	fi
-	@$(MAKE) --no-print-directory test-docs check-deps
+	@$(MAKE) --no-print-directory test-docs check-deps check-alerts
+
+# The alert rules parse and fire when their unit tests say they do.
+# The example scrape config is checked with the rules where it expects them.
+check-alerts:
+	promtool check rules deploy/prometheus/alerts.yml
+	cd deploy/prometheus && promtool test rules alerts.test.yml
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT \
+		&& cp deploy/prometheus/alerts.yml "$$tmp/edge-outbox-alerts.yml" \
+		&& sed "s|/etc/prometheus/|$$tmp/|" deploy/prometheus/prometheus.yml.example > "$$tmp/prometheus.yml" \
+		&& promtool check config "$$tmp/prometheus.yml"
 
 # The library's doc examples compile and run; its docs build without a warning
 # (broken links, missing docs).

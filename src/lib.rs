@@ -113,6 +113,7 @@
 pub mod clock;
 pub mod config;
 pub mod consumer;
+pub mod metrics;
 mod mqtt;
 pub mod outbox;
 pub mod protocol;
@@ -124,6 +125,7 @@ mod tls;
 pub use config::{Config, ConfigError, Credentials, Secret};
 pub use consumer::inbox::{HandlerError, Handlers, StreamKey};
 pub use consumer::{Consumer, ConsumerStatus};
+pub use metrics::Metrics;
 pub use outbox::envelope::CloudEvent;
 pub use outbox::{NewEvent, Outbox, OutboxError};
 pub use relay::{Relay, RelayStatus};

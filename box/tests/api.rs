@@ -78,12 +78,12 @@ fn api_at(
         outbox: cfg.clone(),
     };
     let db = service::open_database(&args, schema).unwrap();
-    let state = AppState {
+    let state = AppState::new(
         db,
-        outbox: Outbox::new(&cfg),
-        relay: Arc::new(RelayStatus::default()),
-        consumer: Arc::new(ConsumerStatus::default()),
-    };
+        Outbox::new(&cfg),
+        Arc::new(RelayStatus::default()),
+        Arc::new(ConsumerStatus::default()),
+    );
     Api {
         app: service::app(routes, doc_of(&schema), state.clone()),
         db: state.db,

@@ -162,6 +162,8 @@ fn make_install_puts_binaries_units_and_docs_under_destdir_and_prefix() {
         "opt/eo/share/doc/edge-outbox/README.md",
         "opt/eo/share/doc/edge-outbox/edge-outbox.env.example",
         "opt/eo/share/doc/edge-outbox/mosquitto.conf",
+        "opt/eo/share/doc/edge-outbox/prometheus/alerts.yml",
+        "opt/eo/share/doc/edge-outbox/prometheus/prometheus.yml.example",
     ]
     .map(str::to_owned)
     .to_vec();

@@ -73,12 +73,20 @@ pub struct StreamProgress {
     pub position: u64,
     /// Highest sequence number known to exist (from heads and received messages).
     pub known_head: u64,
+    /// When the open gap (events known to exist, not applied yet) was found.
+    #[serde(skip)]
+    pub gap_since: Option<Instant>,
 }
 
 impl StreamProgress {
     /// Events known to exist and not applied yet.
     pub fn lag(&self) -> u64 {
         self.known_head.saturating_sub(self.position)
+    }
+
+    /// How long the open gap has been open, if there is one.
+    pub fn gap_open_for(&self) -> Option<Duration> {
+        self.gap_since.map(|t| t.elapsed())
     }
 }
 
@@ -155,6 +163,8 @@ impl ConsumerStatus {
 #[derive(Debug)]
 struct Gap {
     known: u64,
+    /// When the gap was found.
+    opened_at: Instant,
     /// When the position last moved (or the gap was found).
     progress_at: Instant,
     requested_at: Option<Instant>,
@@ -553,6 +563,7 @@ impl Processor<'_> {
         }
         let gap = self.gaps.entry(key).or_insert_with(|| Gap {
             known: seq,
+            opened_at: Instant::now(),
             progress_at: Instant::now(),
             requested_at: None,
         });
@@ -889,15 +900,13 @@ impl Processor<'_> {
             .positions
             .iter()
             .map(|(key, &position)| {
-                let known_head = self
-                    .gaps
-                    .get(key)
-                    .map_or(position, |g| g.known.max(position));
+                let gap = self.gaps.get(key).filter(|g| g.known > position);
                 (
                     key.to_string(),
                     StreamProgress {
                         position,
-                        known_head,
+                        known_head: gap.map_or(position, |g| g.known),
+                        gap_since: gap.map(|g| g.opened_at),
                     },
                 )
             })

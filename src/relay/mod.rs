@@ -114,6 +114,7 @@ pub enum RelayError {
 pub struct RelayStatus {
     connected: AtomicBool,
     marked_published: AtomicU64,
+    publish_retries: AtomicU64,
     replays_served: AtomicU64,
     publish_refused: Note,
     connection_error: Note,
@@ -131,6 +132,11 @@ impl RelayStatus {
     /// Rows marked published since the relay started.
     pub fn marked_published(&self) -> u64 {
         self.marked_published.load(Ordering::Relaxed)
+    }
+    /// Publishes handed to the broker again since the relay started: rows whose PUBACK
+    /// a lost connection took with it, and rows the MQTT client's full queue refused.
+    pub fn publish_retries(&self) -> u64 {
+        self.publish_retries.load(Ordering::Relaxed)
     }
     /// Replay requests acted on since the relay started (those ignored as covered,
     /// too frequent, retained or invalid are not counted).
@@ -342,12 +348,15 @@ impl State {
     }
 
     /// The connection is gone: rows waiting for a PUBACK will be published again.
-    fn connection_lost(&mut self) {
+    /// Returns how many.
+    fn connection_lost(&mut self) -> u64 {
+        let mut again = 0;
         for id in self.correlator.reset() {
-            self.sent.remove(&id);
+            again += u64::from(self.sent.remove(&id));
         }
         self.connected = false;
         self.rewind();
+        again
     }
 }
 
@@ -558,7 +567,8 @@ impl Relay {
                     Ok(_) => {}
                     Err(e) => {
                         let was_connected = st.connected;
-                        st.connection_lost();
+                        let again = st.connection_lost();
+                        self.status.publish_retries.fetch_add(again, Ordering::Relaxed);
                         probe.connection_lost();
                         self.status.connected.store(false, Ordering::Relaxed);
                         let mut why = connection_error_text(&e);
@@ -812,6 +822,7 @@ impl Relay {
             let (topic, payload) = (row.topic, row.payload);
             if let Err(e) = client.try_publish(topic, QoS::AtLeastOnce, false, payload) {
                 st.correlator.unqueue_last();
+                self.status.publish_retries.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(error = %e, "relay: MQTT request queue full; will retry");
                 // rumqttc hands the refused publish back: keep its bytes for the retry.
                 if let rumqttc::ClientError::TryRequest(rumqttc::Request::Publish(p)) = e {

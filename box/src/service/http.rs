@@ -28,6 +28,28 @@ pub struct AppState {
     pub outbox: Outbox,
     pub relay: Arc<RelayStatus>,
     pub consumer: Arc<ConsumerStatus>,
+    pub metrics: Arc<super::metrics::ServiceMetrics>,
+}
+
+impl AppState {
+    /// The state of a service, with its metrics over the same database and statuses.
+    pub fn new(
+        db: Database,
+        outbox: Outbox,
+        relay: Arc<RelayStatus>,
+        consumer: Arc<ConsumerStatus>,
+    ) -> AppState {
+        let metrics = edge_outbox::Metrics::new(&db, outbox.source())
+            .relay(relay.clone())
+            .consumer(consumer.clone());
+        AppState {
+            db,
+            outbox,
+            relay,
+            consumer,
+            metrics: Arc::new(super::metrics::ServiceMetrics::new(metrics)),
+        }
+    }
 }
 
 /// Every `error` code an answer can carry: the README's API reference lists the same

@@ -7,6 +7,7 @@
 
 pub mod http;
 pub mod idempotency;
+pub mod metrics;
 pub mod server;
 pub mod status;
 
@@ -150,8 +151,9 @@ pub fn openapi(mut api: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
 }
 
 /// The whole router of a service: its routes, the status routes, GET /openapi.json,
-/// the body limit.
+/// GET /metrics, the body limit, the request timing.
 pub fn app(routes: Router<AppState>, api: utoipa::openapi::OpenApi, state: AppState) -> Router {
+    let timing = axum::middleware::from_fn_with_state(state.metrics.clone(), metrics::track);
     let doc = axum::body::Bytes::from(
         serde_json::to_vec(&openapi(api)).expect("the document serialises"),
     );
@@ -172,6 +174,7 @@ pub fn app(routes: Router<AppState>, api: utoipa::openapi::OpenApi, state: AppSt
         .fallback(http::not_found)
         .method_not_allowed_fallback(http::method_not_allowed)
         .layer(DefaultBodyLimit::max(http::BODY_MAX_BYTES))
+        .layer(timing)
         .with_state(state)
 }
 
@@ -285,12 +288,12 @@ pub async fn run(spec: Spec, args: ServiceArgs, shutdown: CancellationToken) -> 
     }
     let relay = Relay::new(db.clone(), cfg.clone())?;
     let consumer = Consumer::new(db.clone(), cfg.clone(), spec.consumes, spec.handlers)?;
-    let state = AppState {
-        db: db.clone(),
-        outbox: Outbox::new(&cfg),
-        relay: relay.status(),
-        consumer: consumer.status(),
-    };
+    let state = AppState::new(
+        db.clone(),
+        Outbox::new(&cfg),
+        relay.status(),
+        consumer.status(),
+    );
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;

@@ -19,12 +19,13 @@ pub fn routes() -> Router<AppState> {
         .route("/healthz", get(healthz))
         .route("/outbox", get(outbox_status))
         .route("/outbox/events", get(outbox_events))
+        .route("/metrics", get(super::metrics::metrics))
 }
 
 /// The endpoints both services have, for GET /openapi.json.
 #[derive(utoipa::OpenApi)]
 #[openapi(
-    paths(healthz, outbox_status, outbox_events),
+    paths(healthz, outbox_status, outbox_events, super::metrics::metrics),
     components(schemas(super::http::ErrorBody, super::http::ErrorCode))
 )]
 pub struct Api;
