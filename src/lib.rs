@@ -124,7 +124,7 @@ mod tls;
 
 pub use config::{Config, ConfigError, Credentials, Secret};
 pub use consumer::inbox::{HandlerError, Handlers, StreamKey};
-pub use consumer::{Consumer, ConsumerStatus};
+pub use consumer::{Consumer, ConsumerAdmin, ConsumerStatus};
 pub use metrics::Metrics;
 pub use outbox::envelope::CloudEvent;
 pub use outbox::{NewEvent, Outbox, OutboxError};

@@ -141,7 +141,15 @@ fn each_service_documents_its_routes_and_the_common_ones() {
     let paths = |d: &Value| -> BTreeSet<String> {
         d["paths"].as_object().unwrap().keys().cloned().collect()
     };
-    let common = ["/healthz", "/outbox", "/outbox/events", "/metrics"];
+    let common = [
+        "/healthz",
+        "/outbox",
+        "/outbox/events",
+        "/metrics",
+        "/admin/dead-letters/{id}/requeue",
+        "/admin/dead-letters/{id}/drop",
+        "/admin/replay",
+    ];
     let want_users: BTreeSet<String> = ["/users", "/users/{id}"]
         .into_iter()
         .chain(common)

@@ -106,6 +106,11 @@ impl Handlers {
         Handlers::default()
     }
 
+    /// The handler of `event_type`, if any.
+    pub(crate) fn get(&self, event_type: &str) -> Option<&HandlerFn> {
+        self.by_type.get(event_type).map(|h| h.as_ref())
+    }
+
     /// Adds the handler for `event_type`.
     pub fn on<F>(mut self, event_type: &str, f: F) -> Handlers
     where
@@ -484,7 +489,7 @@ fn applied_at(
 /// Runs a handler; with [`Isolation::PerHandler`] in a nested savepoint, so that a
 /// failed handler leaves no partial writes. A panicking handler counts as a permanent
 /// failure.
-fn run_handler(
+pub(crate) fn run_handler(
     tx: &Transaction,
     handler: &HandlerFn,
     event: &CloudEvent,

@@ -14,6 +14,7 @@
 //! and from the producer's head announcements) and asks the producer to replay when
 //! its position has not reached it for `--consumer-gap-timeout-ms`.
 
+pub mod dead_letters;
 pub mod inbox;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -26,7 +27,7 @@ use rumqttc::{
     SubscribeReasonCode,
 };
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::{interval, sleep, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
@@ -182,6 +183,98 @@ pub struct Consumer {
     streams: Vec<StreamKey>,
     ctx: Arc<InboxContext>,
     status: Arc<ConsumerStatus>,
+    replays_tx: mpsc::Sender<OperatorReplay>,
+    replays_rx: mpsc::Receiver<OperatorReplay>,
+}
+
+/// A replay an operator asked for, and where to say whether it was sent.
+struct OperatorReplay {
+    key: StreamKey,
+    from_seq: u64,
+    sent: oneshot::Sender<Result<(), String>>,
+}
+
+/// Why an operator's action on a running consumer was not done.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// This consumer does not consume that stream.
+    #[error("this service does not consume {0}")]
+    NotConsumed(StreamKey),
+    /// A sequence number out of range.
+    #[error("from_seq {0} is not 1 to {max}", max = protocol::SEQ_MAX)]
+    BadSequence(u64),
+    /// The consumer is not running, or could not queue the request.
+    #[error("the consumer could not send the request: {0}")]
+    NotSent(String),
+    /// The database.
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// Applying the message.
+    #[error(transparent)]
+    Apply(#[from] inbox::ApplyError),
+}
+
+/// An operator's actions on a running consumer (the box's admin endpoints use it):
+/// requeue or drop dead letters ([`dead_letters`]) through its own handlers and
+/// writer, and ask a producer to replay a stream. Cheap to clone.
+#[derive(Clone)]
+pub struct ConsumerAdmin {
+    db: Database,
+    ctx: Arc<InboxContext>,
+    streams: Arc<Vec<StreamKey>>,
+    replays: mpsc::Sender<OperatorReplay>,
+}
+
+impl ConsumerAdmin {
+    /// Applies dead letter `id` again; None when there is no such dead letter.
+    pub async fn requeue(&self, id: i64) -> Result<Option<dead_letters::Requeued>, AdminError> {
+        let ctx = self.ctx.clone();
+        Ok(self
+            .db
+            .writer()
+            .write(move |tx| dead_letters::requeue(tx, &ctx, id))
+            .await?)
+    }
+
+    /// Sets dead letter `id` aside with an optional note; false when there is none.
+    pub async fn drop_dead_letter(
+        &self,
+        id: i64,
+        note: Option<String>,
+    ) -> Result<bool, AdminError> {
+        Ok(self
+            .db
+            .writer()
+            .write(move |tx| dead_letters::drop(tx, id, note.as_deref()))
+            .await?)
+    }
+
+    /// Asks the producer of `key` to publish the stream again from `from_seq`, as this
+    /// consumer (the producer's relay limits how often it serves a stream and a
+    /// consumer). Events this consumer has applied come again as duplicates.
+    pub async fn request_replay(&self, key: StreamKey, from_seq: u64) -> Result<(), AdminError> {
+        if !self.streams.contains(&key) {
+            return Err(AdminError::NotConsumed(key));
+        }
+        if from_seq == 0 || from_seq > protocol::SEQ_MAX {
+            return Err(AdminError::BadSequence(from_seq));
+        }
+        let (sent, answer) = oneshot::channel();
+        let stopped = || AdminError::NotSent("the consumer is not running".into());
+        self.replays
+            .try_send(OperatorReplay {
+                key,
+                from_seq,
+                sent,
+            })
+            .map_err(|_| {
+                AdminError::NotSent("the consumer is busy or stopped; try again".into())
+            })?;
+        answer
+            .await
+            .map_err(|_| stopped())?
+            .map_err(AdminError::NotSent)
+    }
 }
 
 impl Consumer {
@@ -207,13 +300,26 @@ impl Consumer {
             handlers,
             payload_max_bytes: config.payload_max_bytes,
         });
+        let (replays_tx, replays_rx) = mpsc::channel(16);
         Ok(Consumer {
             db,
             config,
             streams,
             ctx,
             status: Arc::new(ConsumerStatus::default()),
+            replays_tx,
+            replays_rx,
         })
+    }
+
+    /// The operator's handle on this consumer, usable while it runs.
+    pub fn admin(&self) -> ConsumerAdmin {
+        ConsumerAdmin {
+            db: self.db.clone(),
+            ctx: self.ctx.clone(),
+            streams: Arc::new(self.streams.clone()),
+            replays: self.replays_tx.clone(),
+        }
     }
 
     /// Live status, shared with the running consumer.
@@ -234,7 +340,9 @@ impl Consumer {
 
     /// Runs until `cancel` fires. The batch being applied is finished (committed and
     /// acknowledged) first; messages not yet applied stay with the broker.
-    pub async fn run(self, cancel: CancellationToken) -> Result<(), ConsumerError> {
+    pub async fn run(mut self, cancel: CancellationToken) -> Result<(), ConsumerError> {
+        let (_, idle) = mpsc::channel(1);
+        let mut operator_replays = std::mem::replace(&mut self.replays_rx, idle);
         let cfg = &self.config;
         let client_id = self.client_id();
         let (client, eventloop) =
@@ -333,6 +441,13 @@ impl Consumer {
                 }
                 _ = sleep(ACK_RETRY), if !p.unacked.is_empty() => p.flush_acks(),
                 _ = gap_tick.tick() => p.request_replays(),
+                Some(r) = operator_replays.recv() => {
+                    let sent = p.send_replay_request(&r.key, r.from_seq);
+                    if sent.is_ok() {
+                        tracing::info!(stream = %r.key, from_seq = r.from_seq, "an operator asked the producer to replay");
+                    }
+                    let _ = r.sent.send(sent);
+                }
                 _ = report_tick.tick() => p.report_positions(),
                 _ = retention_tick.tick() => {
                     let keep_ms = cfg.retention_ms;
@@ -795,28 +910,10 @@ impl Processor<'_> {
             if position >= gap.known || !stalled || !due {
                 continue;
             }
-            let request = ReplayRequest {
-                consumer: self.consumer.name().to_owned(),
-                stream: key.stream.clone(),
-                from_seq: position + 1,
-            };
-            let payload = serde_json::to_vec(&request).expect("replay requests serialise");
-            let topic = self
-                .consumer
-                .ctx
-                .topics
-                .replay(&key.source, self.consumer.name());
-            match self
-                .client
-                .try_publish(topic, QoS::AtLeastOnce, false, payload)
-            {
+            match send_replay_request(self.consumer, self.client, key, position + 1) {
                 Ok(()) => {
                     tracing::info!(stream = %key, from_seq = position + 1, known = gap.known, "asking the producer to replay");
                     gap.requested_at = Some(now);
-                    self.consumer
-                        .status
-                        .replays_requested
-                        .fetch_add(1, Ordering::Relaxed);
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "could not queue a replay request; will try again")
@@ -824,6 +921,11 @@ impl Processor<'_> {
             }
         }
         self.forget_closed_gaps();
+    }
+
+    /// Queues a replay request for `key` from `from_seq` to its producer.
+    fn send_replay_request(&self, key: &StreamKey, from_seq: u64) -> Result<(), String> {
+        send_replay_request(self.consumer, self.client, key, from_seq)
     }
 
     /// Drops the gaps that the position has reached.
@@ -915,6 +1017,30 @@ impl Processor<'_> {
             *s = progress;
         }
     }
+}
+
+/// Queues a replay request of `consumer` for `key` from `from_seq`; counts it.
+fn send_replay_request(
+    consumer: &Consumer,
+    client: &AsyncClient,
+    key: &StreamKey,
+    from_seq: u64,
+) -> Result<(), String> {
+    let request = ReplayRequest {
+        consumer: consumer.name().to_owned(),
+        stream: key.stream.clone(),
+        from_seq,
+    };
+    let payload = serde_json::to_vec(&request).expect("replay requests serialise");
+    let topic = consumer.ctx.topics.replay(&key.source, consumer.name());
+    client
+        .try_publish(topic, QoS::AtLeastOnce, false, payload)
+        .map_err(|e| e.to_string())?;
+    consumer
+        .status
+        .replays_requested
+        .fetch_add(1, Ordering::Relaxed);
+    Ok(())
 }
 
 /// The poller task: drives the event loop, forwards messages, resubscribes.

@@ -837,10 +837,12 @@ pub enum RowFilter {
 }
 
 /// Up to `limit` rows in id order: with `newest_first`, those with `id < after` (all
-/// when `after` is 0) from the newest down; otherwise those with `id > after`.
+/// when `after` is 0) from the newest down; otherwise those with `id > after`. Only
+/// rows of `stream` when it is given.
 pub fn list(
     conn: &Connection,
     filter: RowFilter,
+    stream: Option<&str>,
     after: i64,
     limit: u32,
     newest_first: bool,
@@ -857,10 +859,11 @@ pub fn list(
     };
     let mut stmt = conn.prepare_cached(&format!(
         "SELECT id, event_id, stream, seq, event_type, topic, created_at_ms, published_at_ms, payload
-         FROM outbox WHERE {condition} AND {cursor} ORDER BY id {order} LIMIT ?2"
+         FROM outbox WHERE {condition} AND {cursor} AND (?3 IS NULL OR stream = ?3)
+         ORDER BY id {order} LIMIT ?2"
     ))?;
     let rows = stmt
-        .query_map(params![after, limit], |r| {
+        .query_map(params![after, limit, stream], |r| {
             let published_at_ms: Option<i64> = r.get(7)?;
             let payload: Vec<u8> = r.get(8)?;
             Ok(OutboxRow {

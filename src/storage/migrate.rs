@@ -44,6 +44,11 @@ pub(crate) const CORE_SCHEMA: Schema = Schema {
             name: "0002_producer_epochs.sql",
             sql: include_str!("../../schema/core/0002_producer_epochs.sql"),
         },
+        Migration {
+            version: 3,
+            name: "0003_dead_letter_actions.sql",
+            sql: include_str!("../../schema/core/0003_dead_letter_actions.sql"),
+        },
     ],
 };
 

@@ -89,7 +89,7 @@ pub enum VerifyError {
 }
 
 /// `file:` URI for a read-only attach, with the characters URIs reserve escaped.
-fn read_only_uri(path: &Path) -> String {
+pub(crate) fn read_only_uri(path: &Path) -> String {
     let mut uri = String::from("file:");
     for c in path.to_string_lossy().chars() {
         match c {

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use edge_box::admin::demo_offline::{self, DemoOffline};
 use edge_box::admin::mark_restored;
+use edge_box::admin::operate::{self, Answer, Db, Page, Url};
 use edge_box::admin::power_cut::{self, PowerCut};
 use edge_box::admin::run_all::{self, RunAll};
 use edge_box::admin::verify::{self, Target};
@@ -89,6 +90,153 @@ enum Cmd {
         #[arg(long)]
         db: PathBuf,
     },
+    /// A service's state from its database (read-only, safe beside the running
+    /// service): backlog, oldest pending event, streams with their last, published and
+    /// first held sequence numbers, consumed streams with their positions, dead
+    /// letters. With --url, also what the running service says: broker connected,
+    /// health, lag per stream (a lag above 0 is an open gap). Exits 0 when nothing
+    /// needs attention, 1 when something does (dead letters, degraded, disconnected),
+    /// 2 when it cannot run.
+    Status {
+        #[command(flatten)]
+        db: Db,
+        /// The running service's HTTP address, e.g. http://127.0.0.1:8081.
+        #[arg(long)]
+        url: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Messages a consumer could not apply: list and show read the database; requeue
+    /// and drop ask the running service (--url).
+    DeadLetters {
+        #[command(subcommand)]
+        command: DeadLettersCmd,
+    },
+    /// Ask a producer to publish a stream again from a sequence number, through the
+    /// running service that consumes it (--url), as that service's consumer. Events it
+    /// applied already come again as duplicates, without effect. The producer serves a
+    /// stream at most every few seconds. Exits 0 when the request was queued, 1 when
+    /// refused (a stream this service does not consume), 2 when it cannot run.
+    Replay {
+        #[command(flatten)]
+        url: Url,
+        /// The producer (its --source), e.g. user-service.
+        #[arg(long)]
+        producer: String,
+        /// The stream, e.g. users.
+        #[arg(long)]
+        stream: String,
+        /// The first sequence number to publish again (1 or more).
+        #[arg(long = "from", value_parser = clap::value_parser!(u64).range(1..))]
+        from_seq: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A service's outbox rows (read-only, safe beside the running service).
+    Outbox {
+        #[command(subcommand)]
+        command: OutboxCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadLettersCmd {
+    /// List dead letters, oldest first: id, age, stream, sequence, topic, reason.
+    List {
+        #[command(flatten)]
+        db: Db,
+        #[command(flatten)]
+        page: Page,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One dead letter, with the message as kept. Exits 1 when there is no such id.
+    Show {
+        /// Its id.
+        id: i64,
+        #[command(flatten)]
+        db: Db,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply a dead letter again through the running service's handlers and inbox
+    /// rules. A message whose handler failed was skipped so that its stream did not
+    /// stall: it is applied now, AFTER the events of its stream that came since, not in
+    /// its place; requeue it once that order no longer matters (the handler fixed,
+    /// the missing data there). A message refused before its stream was read is taken
+    /// as if it had just arrived (applied if it is next, a duplicate if the stream is
+    /// past it). Applied, it leaves the dead letters (a copy stays in
+    /// dead_letter_actions). Exits 0 when applied, 1 when not (the reason is printed;
+    /// it stays), 2 when it cannot run.
+    Requeue {
+        /// Its id.
+        id: i64,
+        #[command(flatten)]
+        url: Url,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set a dead letter aside without applying it: it leaves the dead letters; a copy
+    /// stays in dead_letter_actions with the note and the time. Exits 0 when dropped,
+    /// 1 when there is no such id, 2 when it cannot run.
+    Drop {
+        /// Its id.
+        id: i64,
+        #[command(flatten)]
+        url: Url,
+        /// Why (kept with the copy; at most 500 characters).
+        #[arg(long)]
+        note: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum OutboxCmd {
+    /// List outbox rows in id order: id, status, stream and sequence, type, event id.
+    List {
+        #[command(flatten)]
+        db: Db,
+        /// pending, published or all.
+        #[arg(long, default_value = "all", value_parser = ["pending", "published", "all"])]
+        status: String,
+        /// Only this stream.
+        #[arg(long)]
+        stream: Option<String>,
+        #[command(flatten)]
+        page: Page,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Prints an answer as text or JSON and exits with its code; an error exits 2.
+fn finish(name: &str, answer: anyhow::Result<Answer>, json: bool) -> ExitCode {
+    match answer {
+        Ok(a) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&a.json).expect("answers serialise")
+                );
+            } else {
+                print!("{}", a.text);
+            }
+            ExitCode::from(a.code)
+        }
+        Err(e) => {
+            eprintln!("{name}: error: {e:#}");
+            ExitCode::from(operate::FAILED)
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -161,6 +309,83 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Cmd::Status { db, url, json } => {
+            finish("status", operate::status(&db.db, url.as_deref()), json)
+        }
+        Cmd::DeadLetters { command } => match command {
+            DeadLettersCmd::List { db, page, json } => finish(
+                "dead-letters list",
+                operate::dead_letters_list(&db.db, page.after, page.limit),
+                json,
+            ),
+            DeadLettersCmd::Show { id, db, json } => finish(
+                "dead-letters show",
+                operate::dead_letters_show(&db.db, id),
+                json,
+            ),
+            DeadLettersCmd::Requeue { id, url, json } => finish(
+                "dead-letters requeue",
+                operate::post(&url.url, &format!("/admin/dead-letters/{id}/requeue"), None),
+                json,
+            ),
+            DeadLettersCmd::Drop {
+                id,
+                url,
+                note,
+                json,
+            } => {
+                let query = note.map_or(String::new(), |n| {
+                    format!("?note={}", operate::query_value(&n))
+                });
+                finish(
+                    "dead-letters drop",
+                    operate::post(
+                        &url.url,
+                        &format!("/admin/dead-letters/{id}/drop{query}"),
+                        None,
+                    ),
+                    json,
+                )
+            }
+        },
+        Cmd::Replay {
+            url,
+            producer,
+            stream,
+            from_seq,
+            json,
+        } => finish(
+            "replay",
+            operate::post(
+                &url.url,
+                "/admin/replay",
+                Some(
+                    serde_json::json!({ "producer": producer, "stream": stream, "from_seq": from_seq }),
+                ),
+            ),
+            json,
+        ),
+        Cmd::Outbox {
+            command:
+                OutboxCmd::List {
+                    db,
+                    status,
+                    stream,
+                    page,
+                    json,
+                },
+        } => {
+            let filter = match status.as_str() {
+                "pending" => edge_outbox::outbox::RowFilter::Pending,
+                "published" => edge_outbox::outbox::RowFilter::Published,
+                _ => edge_outbox::outbox::RowFilter::All,
+            };
+            finish(
+                "outbox list",
+                operate::outbox_list(&db.db, filter, stream.as_deref(), page.after, page.limit),
+                json,
+            )
+        }
         Cmd::RunAll(opts) => block_on("run-all", run_all::run(opts)),
         Cmd::DemoOffline(opts) => block_on("demo-offline", demo_offline::run(opts)),
         Cmd::PowerCut(opts) => block_on("power-cut", async {

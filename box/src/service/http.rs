@@ -29,6 +29,9 @@ pub struct AppState {
     pub relay: Arc<RelayStatus>,
     pub consumer: Arc<ConsumerStatus>,
     pub metrics: Arc<super::metrics::ServiceMetrics>,
+    /// The running consumer's operator handle (the admin endpoints); None in tests
+    /// that run no consumer.
+    pub admin: Option<edge_outbox::ConsumerAdmin>,
 }
 
 impl AppState {
@@ -48,7 +51,14 @@ impl AppState {
             relay,
             consumer,
             metrics: Arc::new(super::metrics::ServiceMetrics::new(metrics)),
+            admin: None,
         }
+    }
+
+    /// With the running consumer's operator handle.
+    pub fn with_admin(mut self, admin: edge_outbox::ConsumerAdmin) -> AppState {
+        self.admin = Some(admin);
+        self
     }
 }
 
@@ -76,12 +86,14 @@ pub enum ErrorCode {
     StorageFull,
     StorageError,
     BacklogFull,
+    NotRequeued,
+    ConsumerUnavailable,
     Internal,
 }
 
 impl ErrorCode {
     /// Every code.
-    pub const ALL: [ErrorCode; 19] = [
+    pub const ALL: [ErrorCode; 21] = [
         ErrorCode::MalformedJson,
         ErrorCode::InvalidQuery,
         ErrorCode::InvalidPath,
@@ -100,6 +112,8 @@ impl ErrorCode {
         ErrorCode::StorageFull,
         ErrorCode::StorageError,
         ErrorCode::BacklogFull,
+        ErrorCode::NotRequeued,
+        ErrorCode::ConsumerUnavailable,
         ErrorCode::Internal,
     ];
 
@@ -111,13 +125,13 @@ impl ErrorCode {
             NotFound => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            DuplicateEmail => StatusCode::CONFLICT,
+            DuplicateEmail | NotRequeued => StatusCode::CONFLICT,
             BodyTooLarge | EventTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             InvalidField | InsufficientFunds | IdempotencyKeyReused => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
-            StorageBusy | StorageFull | StorageError | BacklogFull => {
+            StorageBusy | StorageFull | StorageError | BacklogFull | ConsumerUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Internal => StatusCode::INTERNAL_SERVER_ERROR,

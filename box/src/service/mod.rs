@@ -5,6 +5,7 @@
 //! handlers that apply them. [`run`] opens the database, starts the relay, the
 //! consumer and the HTTP server, and stops all three on SIGINT or SIGTERM.
 
+pub mod admin_routes;
 pub mod http;
 pub mod idempotency;
 pub mod metrics;
@@ -146,6 +147,7 @@ pub struct Spec {
 pub fn openapi(mut api: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
     use utoipa::OpenApi;
     api.merge(status::Api::openapi());
+    api.merge(admin_routes::Api::openapi());
     api.info.version = env!("CARGO_PKG_VERSION").to_owned();
     api
 }
@@ -159,6 +161,7 @@ pub fn app(routes: Router<AppState>, api: utoipa::openapi::OpenApi, state: AppSt
     );
     routes
         .merge(status::routes())
+        .merge(admin_routes::routes())
         .route(
             "/openapi.json",
             axum::routing::get(move || {
@@ -293,7 +296,8 @@ pub async fn run(spec: Spec, args: ServiceArgs, shutdown: CancellationToken) -> 
         Outbox::new(&cfg),
         relay.status(),
         consumer.status(),
-    );
+    )
+    .with_admin(consumer.admin());
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;

@@ -198,7 +198,7 @@ pub(crate) async fn outbox_events(
     let (limit, after) = page(q.limit, q.after)?;
     let rows = state
         .db
-        .read(move |c| outbox::list(c, filter, after, limit, newest_first))
+        .read(move |c| outbox::list(c, filter, None, after, limit, newest_first))
         .await?;
     let next_after = next_after(rows.len(), limit, rows.last().map(|x| x.id));
     Ok(Json(json!({ "events": rows, "next_after": next_after })))
