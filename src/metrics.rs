@@ -15,7 +15,7 @@
 //! | metric | type | what |
 //! |---|---|---|
 //! | `pending_events`, `pending_bytes` | gauge | not yet published (the backlog) |
-//! | `oldest_pending_age_seconds` | gauge | age of the oldest unpublished event, 0 when none |
+//! | `oldest_pending_age_seconds` | gauge | age of the oldest event never published, 0 when none (rows pending again for a replay do not count) |
 //! | `stream_last_sequence{stream}` | gauge | last sequence number written per stream |
 //! | `relay_connected` | gauge | 1 while the relay holds a broker session |
 //! | `relay_published_total` | counter | rows marked published (PUBACK received) |
@@ -173,7 +173,7 @@ impl Metrics {
             .map_or(0.0, |t| now_ms().saturating_sub(t).max(0) as f64 / 1e3);
         r.register_with_unit(
             "oldest_pending_age",
-            "Age of the oldest event not yet published (0 when none is)",
+            "Age of the oldest event never published (0 when none is; rows pending again for a replay do not count)",
             Unit::Seconds,
             ConstGauge::new(age),
         );
@@ -291,11 +291,13 @@ impl Metrics {
 
 fn read_snapshot(c: &rusqlite::Connection) -> Result<Snapshot, DbError> {
     let backlog = crate::outbox::backlog(c)?;
-    // The first pending row by the partial index: cheap at any backlog.
+    // The first row never published, by the partial index of pending rows: rows set
+    // pending again for a replay (old, by design) are not what this age warns of. It
+    // reads past those of a replay in progress, and only then.
     let oldest_pending_ms = c
         .prepare_cached(
             "SELECT created_at_ms FROM outbox INDEXED BY outbox_pending_by_id
-             WHERE published_at_ms IS NULL ORDER BY id LIMIT 1",
+             WHERE published_at_ms IS NULL AND replayed = 0 ORDER BY id LIMIT 1",
         )?
         .query_row([], |r| r.get(0))
         .optional()?;

@@ -14,25 +14,35 @@ use serde_json::{json, Value};
 use services::{drained, wait_until, Service};
 use support::Broker;
 
-/// Runs `edge-outbox ARGS`; its exit code and standard output.
-fn cli(args: &[&str]) -> (i32, String) {
+/// Runs `edge-outbox ARGS`: its exit code, standard output and standard error.
+fn run(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_edge-outbox"))
         .args(args)
         .env_remove("DB_PATH")
         .env_remove("SERVICE_URL")
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    (out.status.code().unwrap_or(-1), format!("{stdout}{stderr}"))
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (
+        out.status.code().unwrap_or(-1),
+        text(&out.stdout),
+        text(&out.stderr),
+    )
 }
 
+/// Its exit code and all it printed.
+fn cli(args: &[&str]) -> (i32, String) {
+    let (code, stdout, stderr) = run(args);
+    (code, format!("{stdout}{stderr}"))
+}
+
+/// With `--json`: its exit code and its standard output, which must be JSON.
 fn cli_json(args: &[&str]) -> (i32, Value) {
     let mut all = args.to_vec();
     all.push("--json");
-    let (code, out) = cli(&all);
-    let v =
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {out}"));
+    let (code, out, err) = run(&all);
+    let v = serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {out}{err}"));
     (code, v)
 }
 
@@ -91,7 +101,7 @@ fn an_operator_finds_requeues_and_drops_dead_letters_and_asks_for_a_replay() {
     // And a message that is not an event at all.
     broker.publish_raw(
         &format!("{prefix}/events/transaction-service/transactions"),
-        b"not json",
+        b"not json \x1b]0;title\x07\x1b[2J",
     );
     wait_until("a second dead letter", 30, || {
         users.get("/outbox").1["consumer"]["dead_letters"] == 2
@@ -125,6 +135,10 @@ fn an_operator_finds_requeues_and_drops_dead_letters_and_asks_for_a_replay() {
         "{shown}"
     );
     assert_eq!(cli(&["dead-letters", "show", "999", "--db", users_db]).0, 1);
+    // A message's bytes do not reach the operator's terminal raw.
+    let (code, out) = cli(&["dead-letters", "show", &garbage, "--db", users_db]);
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains('\x1b') && out.contains("\\u{1b}[2J"), "{out}");
 
     // Requeued while the user is still missing: not applied, it stays.
     let (code, out) = cli(&["dead-letters", "requeue", &failed, "--url", &users.base]);
@@ -250,6 +264,12 @@ fn an_operator_finds_requeues_and_drops_dead_letters_and_asks_for_a_replay() {
     let (code, out) = cli(&["status", "--db", "/nonexistent/x.db"]);
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("does not exist"), "{out}");
+    let (code, v) = cli_json(&["status", "--db", "/nonexistent/x.db"]);
+    assert_eq!(code, 2);
+    assert!(
+        v["error"].as_str().unwrap().contains("does not exist"),
+        "{v}"
+    );
     let (code, out) = cli(&[
         "dead-letters",
         "requeue",

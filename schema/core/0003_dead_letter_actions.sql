@@ -20,3 +20,7 @@ CREATE TABLE dead_letter_actions (
     seq             INTEGER,
     received_at_ms  INTEGER NOT NULL
 ) STRICT;
+
+-- Counting dead letters (status pages, /metrics every scrape) reads this small index
+-- instead of every kept message; retention deletes by it too.
+CREATE INDEX dead_letters_received_at ON dead_letters (received_at_ms);

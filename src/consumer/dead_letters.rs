@@ -43,7 +43,7 @@ pub struct DeadLetter {
     pub payload_len: u64,
     /// When it was refused (ms since the Unix epoch).
     pub received_at_ms: i64,
-    /// The message as kept (at most its first 64 KiB), lossily as text.
+    /// The message as kept (at most its first 1 MiB), lossily as text.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub payload: Option<String>,
 }
@@ -164,6 +164,23 @@ fn requeue_failed_handler(
     if outcome.as_deref() == Some("applied") {
         return Ok(Requeued::AlreadyApplied);
     }
+    // Retention may have deleted its inbox record; then its place must still be free.
+    let epoch = event.epoch.clone().unwrap_or_default();
+    if outcome.is_none() {
+        let taken: Option<String> = tx
+            .query_row(
+                "SELECT event_id FROM inbox WHERE source = ?1 AND stream = ?2 AND epoch = ?3 AND seq = ?4",
+                params![event.source, event.stream, epoch, seq as i64],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(DbError::from)?;
+        if let Some(other) = taken {
+            return Ok(Requeued::NotApplied {
+                reason: format!("another event ({other}) is recorded at its place, sequence {seq}"),
+            });
+        }
+    }
     let Some(handler) = ctx.handlers.get(&event.event_type) else {
         let reason = format!("still no handler for event type {:?}", event.event_type);
         return Ok(Requeued::NotApplied { reason });
@@ -183,7 +200,6 @@ fn requeue_failed_handler(
         }
     }
     // Its inbox record says dead_lettered (or retention deleted it): now applied.
-    let epoch = event.epoch.clone().unwrap_or_default();
     tx.execute(
         "INSERT INTO inbox (event_id, source, stream, epoch, seq, event_type, outcome, applied_at_ms)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'applied', ?7)
@@ -209,8 +225,19 @@ fn requeue_refused(
         Err(e) => Err(e),
         Ok(mut outcomes) => Ok(match outcomes.pop() {
             Some(Outcome::Applied { .. }) => Requeued::Applied,
-            Some(Outcome::AppliedBefore { .. } | Outcome::Duplicate { .. }) => {
-                Requeued::AlreadyApplied
+            Some(Outcome::AppliedBefore { .. }) => Requeued::AlreadyApplied,
+            // The stream is past it: applied already only if the inbox holds this very
+            // event there.
+            Some(Outcome::Duplicate { key, seq }) => {
+                if recorded_at(tx, payload, &key, seq)? {
+                    Requeued::AlreadyApplied
+                } else {
+                    Requeued::NotApplied {
+                        reason: format!(
+                            "{key} is past sequence {seq}, and the inbox does not hold this event there (another event, or a record deleted by retention)"
+                        ),
+                    }
+                }
             }
             Some(Outcome::DeadLettered { reason, .. }) => Requeued::NotApplied {
                 reason: format!("refused again: {reason}"),
@@ -248,10 +275,36 @@ fn requeue_refused(
     }
 }
 
+/// Undoes what the requeue wrote. If that fails too (SQLite already rolled the whole
+/// transaction back, after a disk-full error say), the first error is the one to tell.
 fn rollback_then<T>(tx: &Transaction, result: Result<T, ApplyError>) -> Result<T, ApplyError> {
-    tx.execute_batch("ROLLBACK TO requeue; RELEASE requeue")
+    let undone = tx.execute_batch("ROLLBACK TO requeue; RELEASE requeue");
+    match (result, undone) {
+        (Err(e), _) => Err(e),
+        (Ok(_), Err(e)) => Err(DbError::from(e).into()),
+        (Ok(r), Ok(())) => Ok(r),
+    }
+}
+
+/// True when the inbox records the event of `payload` at `key`'s sequence `seq`.
+fn recorded_at(
+    tx: &Transaction,
+    payload: &[u8],
+    key: &super::inbox::StreamKey,
+    seq: u64,
+) -> Result<bool, ApplyError> {
+    let Ok((event, _)) = CloudEvent::parse(payload) else {
+        return Ok(false);
+    };
+    let found = tx
+        .query_row(
+            "SELECT 1 FROM inbox WHERE event_id = ?1 AND source = ?2 AND stream = ?3 AND seq = ?4",
+            params![event.id, key.source, key.stream, seq as i64],
+            |_| Ok(()),
+        )
+        .optional()
         .map_err(DbError::from)?;
-    result
+    Ok(found.is_some())
 }
 
 /// Sets dead letter `id` aside, with an optional note; false when there is no such

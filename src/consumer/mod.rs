@@ -187,6 +187,9 @@ pub struct Consumer {
     replays_rx: mpsc::Receiver<OperatorReplay>,
 }
 
+/// How long an operator's replay request waits for the consumer loop.
+const OPERATOR_WAIT: Duration = Duration::from_secs(5);
+
 /// A replay an operator asked for, and where to say whether it was sent.
 struct OperatorReplay {
     key: StreamKey,
@@ -270,10 +273,14 @@ impl ConsumerAdmin {
             .map_err(|_| {
                 AdminError::NotSent("the consumer is busy or stopped; try again".into())
             })?;
-        answer
-            .await
-            .map_err(|_| stopped())?
-            .map_err(AdminError::NotSent)
+        // The loop takes operator requests after the messages waiting for it: during a
+        // catch-up that can take a while, and the caller should not wait for ever.
+        match tokio::time::timeout(OPERATOR_WAIT, answer).await {
+            Ok(answer) => answer.map_err(|_| stopped())?.map_err(AdminError::NotSent),
+            Err(_) => Err(AdminError::NotSent(format!(
+                "the consumer did not take the request within {OPERATOR_WAIT:?} (it is busy applying); it was not sent, try again"
+            ))),
+        }
     }
 }
 
@@ -442,11 +449,14 @@ impl Consumer {
                 _ = sleep(ACK_RETRY), if !p.unacked.is_empty() => p.flush_acks(),
                 _ = gap_tick.tick() => p.request_replays(),
                 Some(r) = operator_replays.recv() => {
-                    let sent = p.send_replay_request(&r.key, r.from_seq);
-                    if sent.is_ok() {
-                        tracing::info!(stream = %r.key, from_seq = r.from_seq, "an operator asked the producer to replay");
+                    // A caller that gave up was told it was not sent: do not send it.
+                    if !r.sent.is_closed() {
+                        let sent = p.send_replay_request(&r.key, r.from_seq);
+                        if sent.is_ok() {
+                            tracing::info!(stream = %r.key, from_seq = r.from_seq, "an operator asked the producer to replay");
+                        }
+                        let _ = r.sent.send(sent);
                     }
-                    let _ = r.sent.send(sent);
                 }
                 _ = report_tick.tick() => p.report_positions(),
                 _ = retention_tick.tick() => {
@@ -642,6 +652,12 @@ impl Processor<'_> {
             Outcome::Duplicate { key, seq } => {
                 tracing::debug!(stream = %key, seq, "duplicate acknowledged without effect");
                 status.duplicates.fetch_add(1, Ordering::Relaxed);
+                // The database's position is at least `seq`: if this process thought
+                // otherwise (an operator's requeue moved it), it catches up here
+                // rather than asking for replays of what is applied.
+                if self.positions.get(&key).is_some_and(|&p| p < seq) {
+                    self.advanced(key, seq);
+                }
             }
             Outcome::Ahead { key, seq, position } => {
                 tracing::debug!(stream = %key, seq, position, "event ahead of a gap: not applied, the gap will be replayed");

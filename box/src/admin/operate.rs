@@ -69,6 +69,20 @@ pub fn open_read_only(path: &Path) -> anyhow::Result<Connection> {
     Ok(conn)
 }
 
+/// `text` with every control character escaped (`\u{1b}`): a message's bytes are
+/// anyone's, and must not drive the operator's terminal.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 fn age(ms: Option<i64>) -> String {
     ms.map_or("-".into(), |t| {
         humantime::format_duration(Duration::from_secs((now_ms() - t).max(0) as u64 / 1000))
@@ -198,8 +212,8 @@ pub fn dead_letters_list(db: &Path, after: i64, limit: u32) -> anyhow::Result<An
             "{}\t{}\t{stream}\tseq {seq}\t{}\t{}\n",
             d.id,
             age(Some(d.received_at_ms)),
-            d.topic,
-            d.reason
+            printable(&d.topic),
+            printable(&d.reason)
         );
     }
     if rows.is_empty() {
@@ -226,13 +240,13 @@ pub fn dead_letters_show(db: &Path, id: i64) -> anyhow::Result<Answer> {
         "id {}\nreceived {} ago\ntopic {}\nstream {}/{} seq {}\nreason {}\nbytes {}\n{}\n",
         d.id,
         age(Some(d.received_at_ms)),
-        d.topic,
+        printable(&d.topic),
         d.source.as_deref().unwrap_or("-"),
         d.stream.as_deref().unwrap_or("-"),
         d.seq.map_or("-".into(), |s| s.to_string()),
-        d.reason,
+        printable(&d.reason),
         d.payload_len,
-        d.payload.as_deref().unwrap_or("")
+        printable(d.payload.as_deref().unwrap_or(""))
     );
     Ok(Answer {
         code: OK,
@@ -282,8 +296,15 @@ pub fn post(url: &str, path: &str, body: Option<Value>) -> anyhow::Result<Answer
         Err(ureq::Error::Status(s, r)) => (s, r.into_json::<Value>().unwrap_or(Value::Null)),
         Err(e) => anyhow::bail!("cannot reach the service at {url}: {e}"),
     };
+    // A 404 for the route itself: --url names something else, or a service too old
+    // to have the admin endpoints.
+    let no_route = status == 404
+        && answer["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("no such resource"));
     let code = match status {
         200..=299 => OK,
+        _ if no_route => FAILED,
         400..=499 => ATTENTION,
         _ => FAILED,
     };

@@ -234,6 +234,9 @@ fn finish(name: &str, answer: anyhow::Result<Answer>, json: bool) -> ExitCode {
         }
         Err(e) => {
             eprintln!("{name}: error: {e:#}");
+            if json {
+                println!("{}", serde_json::json!({ "error": format!("{e:#}") }));
+            }
             ExitCode::from(operate::FAILED)
         }
     }
