@@ -11,7 +11,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 USERS := http://127.0.0.1:8081
 LEDGER := http://127.0.0.1:8082
 
-.PHONY: help deps fuzz-deps prometheus-deps check-alerts build install install-files run-all watch demo demo-offline power-cut bench verify test test-docs check-deps clean
+.PHONY: help deps fuzz-deps prometheus-deps pi-deps pi size check-alerts build dist install install-files run-all watch demo demo-offline power-cut bench verify test test-docs check-deps clean
 
 # mosquitto_sub as the read-only observer that run-all creates. Its password goes
 # through a mosquitto_sub config file ($$XDG_CONFIG_HOME/mosquitto_sub, mode 0600),
@@ -24,6 +24,17 @@ as_observer = [ -r $(OBSERVER_PW) ] || { echo "$(OBSERVER_PW) is missing: start 
 SCHEMATHESIS_VERSION := 4.32.5
 FUZZ_VENV := $(or $(TARGET_DIR),target)/schemathesis-venv
 
+# The Raspberry Pi build (64-bit Raspberry Pi OS, glibc >= 2.34): Debian's rustc-web
+# with its arm64 std, since rustup here cannot download targets
+# (../shared/FIELD-NOTES.md); its own output folder, since it is another compiler.
+PI_TARGET := aarch64-unknown-linux-gnu
+PI_DIR := $(or $(TARGET_DIR),target)/pi
+PI_BIN := $(PI_DIR)/$(PI_TARGET)/dist
+PI_ENV := RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc CARGO_TARGET_DIR='$(PI_DIR)' \
+	CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
+	CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar
+DIST_BIN := $(or $(TARGET_DIR),target)/dist
+
 CYCLES ?= 20
 MODE ?= power
 
@@ -32,7 +43,10 @@ help:
 	@echo "make test     install Mosquitto, Prometheus and schemathesis (for the API fuzz test) if missing,"
 	@echo "              run every test against real brokers and databases, the library's doc examples,"
 	@echo "              and check its docs, dependencies and the alert rules"
-	@echo "make install  build, then install binaries, systemd units and docs (PREFIX=/usr/local, DESTDIR)"
+	@echo "make pi       cross-build the release binaries for a Raspberry Pi (aarch64), installing the toolchain if missing"
+	@echo "make size     the stripped size of each dist binary (here and, if built, for the Pi), and RSS idle and under load"
+	@echo "make install  build the dist binaries, then install them, the systemd units and docs (PREFIX=/usr/local, DESTDIR)"
+	@echo "make dist     build the binaries that go on a box (LTO, stripped) into cargo's output folder, dist/"
 	@echo "make fuzz-deps  install schemathesis (for the API fuzz test) into cargo's output folder"
 	@echo "make watch    print every event on the broker (needs run-all in another terminal)"
 	@echo "make demo     create a user and follow its events step by step (needs run-all)"
@@ -61,6 +75,32 @@ prometheus-deps:
 		$(SUDO) apt-get install -y --no-install-recommends prometheus || { $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends prometheus; }; \
 	fi
 
+# The aarch64 cross toolchain from Debian's archive (~260 MB), when missing. rustc-web
+# and its arm64 std must come in one command: their versions must match.
+pi-deps:
+	@if [ ! -x /usr/bin/cargo ] || [ ! -x /usr/bin/rustc ] || ! dpkg -s libstd-rust-web-dev:arm64 >/dev/null 2>&1 \
+		|| ! command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || ! command -v qemu-aarch64 >/dev/null 2>&1; then \
+		echo "installing the aarch64 cross toolchain (rustc-web, libstd-rust-web-dev:arm64, gcc-aarch64-linux-gnu, qemu-user)"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		{ $(SUDO) dpkg --add-architecture arm64 && $(SUDO) apt-get update \
+			&& $(SUDO) apt-get install -y --no-install-recommends rustc-web cargo-web libstd-rust-web-dev:arm64 \
+				gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user; } \
+			|| { echo "make pi: cannot install the aarch64 cross toolchain (see above)"; exit 1; }; \
+	fi
+
+# The box's three binaries for aarch64, in the dist profile (Cargo.toml), into $(PI_BIN).
+pi: pi-deps
+	$(PI_ENV) /usr/bin/cargo build --locked --profile dist --target $(PI_TARGET) -p edge-box --bins
+	@for b in user-service transaction-service edge-outbox; do \
+		printf 'pi: %-20s %9d bytes\n' "$$b" "$$(stat -c %s '$(PI_BIN)'/$$b)"; done
+
+# Stripped sizes of the dist binaries for this machine, and for the Pi if built; then
+# the services' resident memory idle and under a bounded load (benches/footprint.sh).
+size: deps dist
+	@for d in '$(DIST_BIN)' '$(PI_BIN)'; do for b in user-service transaction-service edge-outbox; do \
+		[ -f "$$d/$$b" ] && printf '%-60s %9d bytes\n' "$$d/$$b" "$$(stat -c %s "$$d/$$b")"; done; done; true
+	@PATH="$$PATH:/usr/sbin" bash benches/footprint.sh '$(DIST_BIN)'
+
 # Python's venv module (Debian: python3-venv), then schemathesis into $(FUZZ_VENV).
 fuzz-deps:
 	@if ! python3 -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null && command -v python3 >/dev/null; then \
@@ -80,6 +120,10 @@ fuzz-deps:
 build:
 	$(CARGO) build --release --locked
 
+# The binaries that go on a box: the dist profile (Cargo.toml), into $(DIST_BIN).
+dist:
+	$(CARGO) build --locked --profile dist -p edge-box --bins
+
 # Binaries into $(PREFIX)/bin, the systemd units (naming them there) into
 # /etc/systemd/system, the example settings, broker config and docs into
 # $(PREFIX)/share/doc/edge-outbox; all under $(DESTDIR) when given (packaging).
@@ -88,13 +132,13 @@ build:
 PREFIX ?= /usr/local
 DESTDIR ?=
 DOC_DIR = $(DESTDIR)$(PREFIX)/share/doc/edge-outbox
-install: build
-	@$(MAKE) --no-print-directory install-files
+install: dist
+	@$(MAKE) --no-print-directory install-files BIN='$(DIST_BIN)'
 
 install-files:
 	@case "$(PREFIX)$(DESTDIR)" in *[[:space:]\|\&\']*) echo "install: PREFIX and DESTDIR must hold no spaces, |, & or quotes"; exit 1;; esac
 	@for b in user-service transaction-service edge-outbox; do \
-		[ -x "$(BIN)/$$b" ] || { echo "install: $(BIN)/$$b is missing: run make build first"; exit 1; }; \
+		[ -x "$(BIN)/$$b" ] || { echo "install: $(BIN)/$$b is missing: run make build (or make dist, with BIN=its folder) first"; exit 1; }; \
 		install -D -m 0755 "$(BIN)/$$b" "$(DESTDIR)$(PREFIX)/bin/$$b" || exit 1; \
 	done
 	@for u in deploy/systemd/*.service; do \
@@ -167,8 +211,8 @@ demo:
 # cargo-nextest runs each test in its own process; plain cargo test works too. Both
 # cover the library and the box (the workspace's default members), and build
 # examples/embed.rs, which tests/example.rs runs against a real Mosquitto.
-test: deps fuzz-deps prometheus-deps
-	@export SCHEMATHESIS="$$(realpath "$(FUZZ_VENV)/bin/st")"; \
+test: deps fuzz-deps prometheus-deps pi
+	@export SCHEMATHESIS="$$(realpath "$(FUZZ_VENV)/bin/st")" PI_BIN="$$(realpath '$(PI_BIN)')"; \
 	if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run --locked --workspace --no-fail-fast; \
 	else \

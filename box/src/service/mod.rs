@@ -217,20 +217,43 @@ pub fn main(name: &'static str, args: ServiceArgs, spec: impl FnOnce() -> Spec) 
     }
 }
 
-/// Logs to stderr; `RUST_LOG` sets the level (default `info`).
+/// Logs to stderr; `RUST_LOG` sets the level (default `info`): a level, or
+/// `target=level` directives separated by commas (`info,edge_outbox::relay=debug`).
+/// A `RUST_LOG` that does not parse is ignored (info), with a warning.
 pub fn init_tracing(format: LogFormat) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let info = || Targets::new().with_default(tracing::Level::INFO);
+    let (filter, bad) = match std::env::var("RUST_LOG") {
+        Err(_) => (info(), None),
+        Ok(v) => match v.parse::<Targets>() {
+            Ok(f) => (f, None),
+            Err(e) => (info(), Some(format!("{e}"))),
+        },
+    };
+    let logs = tracing_subscriber::registry().with(filter);
     let _ = match format {
-        LogFormat::Json => logs.json().with_current_span(false).try_init(),
+        LogFormat::Json => logs
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_current_span(false)
+                    .with_writer(std::io::stderr),
+            )
+            .try_init(),
         // Colours only for a person at a terminal; not in files or run-all's prefixed lines.
         LogFormat::Text => logs
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                    .with_writer(std::io::stderr),
+            )
             .try_init(),
     };
+    if let Some(e) = bad {
+        tracing::warn!(error = %e, "RUST_LOG does not parse; logging at info");
+    }
 }
 
 /// Cancels `shutdown` on the first SIGINT or SIGTERM; a second one exits at once.

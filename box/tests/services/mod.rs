@@ -29,9 +29,28 @@ impl Service {
         broker_url: &str,
         tweak: impl FnOnce(&mut Command),
     ) -> Service {
+        Service::start_under(None, name, exe, dir, broker_url, tweak)
+    }
+
+    /// [`Service::start_with`], run by `runner` (e.g. qemu-aarch64) when given.
+    pub fn start_under(
+        runner: Option<&str>,
+        name: &'static str,
+        exe: &str,
+        dir: &Path,
+        broker_url: &str,
+        tweak: impl FnOnce(&mut Command),
+    ) -> Service {
         let port = free_port();
         let log = dir.join(format!("{name}.log"));
-        let mut cmd = Command::new(exe);
+        let mut cmd = match runner {
+            Some(runner) => {
+                let mut c = Command::new(runner);
+                c.arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        };
         cmd.args(["--db", dir.join(format!("{name}.db")).to_str().unwrap()])
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--broker", broker_url])
