@@ -165,7 +165,15 @@ fn requeue_failed_handler(
         return Ok(Requeued::AlreadyApplied);
     }
     // Retention may have deleted its inbox record; then its place must still be free.
-    let epoch = event.epoch.clone().unwrap_or_default();
+    // An event without an epoch was recorded in the epoch its stream followed.
+    let key = super::inbox::StreamKey {
+        source: event.source.clone(),
+        stream: event.stream.clone(),
+    };
+    let epoch = match &event.epoch {
+        Some(e) => e.clone(),
+        None => inbox::stream_state(tx, &key)?.1.unwrap_or_default(),
+    };
     if outcome.is_none() {
         let taken: Option<String> = tx
             .query_row(

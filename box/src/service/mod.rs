@@ -221,16 +221,11 @@ pub fn main(name: &'static str, args: ServiceArgs, spec: impl FnOnce() -> Spec) 
 /// `target=level` directives separated by commas (`info,edge_outbox::relay=debug`).
 /// A `RUST_LOG` that does not parse is ignored (info), with a warning.
 pub fn init_tracing(format: LogFormat) {
-    use tracing_subscriber::filter::Targets;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    let info = || Targets::new().with_default(tracing::Level::INFO);
-    let (filter, bad) = match std::env::var("RUST_LOG") {
-        Err(_) => (info(), None),
-        Ok(v) => match v.parse::<Targets>() {
-            Ok(f) => (f, None),
-            Err(e) => (info(), Some(format!("{e}"))),
-        },
+    let (filter, bad) = match log_filter(std::env::var("RUST_LOG").ok().as_deref()) {
+        Ok(f) => (f, None),
+        Err(e) => (log_filter(None).expect("the default parses"), Some(e)),
     };
     let logs = tracing_subscriber::registry().with(filter);
     let _ = match format {
@@ -254,6 +249,51 @@ pub fn init_tracing(format: LogFormat) {
     if let Some(e) = bad {
         tracing::warn!(error = %e, "RUST_LOG does not parse; logging at info");
     }
+}
+
+/// The log filter that `RUST_LOG` (`value`) asks for: comma-separated directives, each
+/// a level (`trace`, `debug`, `info`, `warn`, `error`, `off`) or `target=level`, spaces
+/// around them ignored; unset or empty is `info`. Anything else is refused, so that a
+/// typo cannot silently switch logging off.
+pub fn log_filter(value: Option<&str>) -> Result<tracing_subscriber::filter::Targets, String> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    let mut clean = Vec::new();
+    for piece in value
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
+        let (target, level) = match piece.split_once('=') {
+            Some((t, l)) => (Some(t.trim()), l.trim()),
+            None => (None, piece),
+        };
+        if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "{piece:?}: {level:?} is not one of {}",
+                LEVELS.join(", ")
+            ));
+        }
+        match target {
+            None => clean.push(level.to_owned()),
+            Some(t)
+                if !t.is_empty()
+                    && t.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "_:-".contains(c)) =>
+            {
+                clean.push(format!("{t}={level}"))
+            }
+            Some(t) => {
+                return Err(format!(
+                    "{piece:?}: {t:?} is not a target (letters, digits, _, : and -)"
+                ))
+            }
+        }
+    }
+    if clean.is_empty() {
+        clean.push("info".into());
+    }
+    clean.join(",").parse().map_err(|e| format!("{e}"))
 }
 
 /// Cancels `shutdown` on the first SIGINT or SIGTERM; a second one exits at once.
@@ -418,6 +458,52 @@ async fn prune_idempotency_keys(db: Database, cfg: Config, stop: CancellationTok
             Err(e) => {
                 tracing::warn!(error = %e, "could not delete expired idempotency keys; will try again")
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+    use tracing::Level;
+
+    fn enabled(value: Option<&str>, target: &str, level: Level) -> bool {
+        log_filter(value).unwrap().would_enable(target, &level)
+    }
+
+    #[test]
+    fn rust_log_takes_levels_and_targets_and_refuses_what_would_silence_the_logs() {
+        for empty in [None, Some(""), Some(" , ")] {
+            assert!(
+                enabled(empty, "edge_outbox::relay", Level::INFO),
+                "{empty:?}"
+            );
+            assert!(
+                !enabled(empty, "edge_outbox::relay", Level::DEBUG),
+                "{empty:?}"
+            );
+        }
+        assert!(enabled(Some("info,"), "x", Level::INFO));
+        assert!(enabled(
+            Some("warn, edge_outbox=debug"),
+            "edge_outbox::relay",
+            Level::DEBUG
+        ));
+        assert!(!enabled(
+            Some("warn, edge_outbox=debug"),
+            "edge_box",
+            Level::INFO
+        ));
+        assert!(enabled(Some("DEBUG"), "anything", Level::DEBUG));
+        for bad in [
+            "dbug",
+            "*",
+            "edge_outbox[relay]=debug",
+            "=debug",
+            "edge_outbox=loud",
+            "a=b=c",
+        ] {
+            assert!(log_filter(Some(bad)).is_err(), "{bad:?} must be refused");
         }
     }
 }
