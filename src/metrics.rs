@@ -45,7 +45,6 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::{Registry, Unit};
-use rusqlite::OptionalExtension;
 
 use crate::clock::now_ms;
 use crate::consumer::ConsumerStatus;
@@ -291,16 +290,7 @@ impl Metrics {
 
 fn read_snapshot(c: &rusqlite::Connection) -> Result<Snapshot, DbError> {
     let backlog = crate::outbox::backlog(c)?;
-    // The first row never published, by the partial index of pending rows: rows set
-    // pending again for a replay (old, by design) are not what this age warns of. It
-    // reads past those of a replay in progress, and only then.
-    let oldest_pending_ms = c
-        .prepare_cached(
-            "SELECT created_at_ms FROM outbox INDEXED BY outbox_pending_by_id
-             WHERE published_at_ms IS NULL AND replayed = 0 ORDER BY id LIMIT 1",
-        )?
-        .query_row([], |r| r.get(0))
-        .optional()?;
+    let oldest_pending_ms = crate::outbox::oldest_unpublished_ms(c)?;
     let mut stmt =
         c.prepare_cached("SELECT stream, last_seq FROM outbox_streams ORDER BY stream LIMIT ?1")?;
     let streams = stmt
@@ -310,13 +300,13 @@ fn read_snapshot(c: &rusqlite::Connection) -> Result<Snapshot, DbError> {
         .collect::<Result<Vec<_>, _>>()?;
     let streams_total: i64 =
         c.query_row("SELECT COUNT(*) FROM outbox_streams", [], |r| r.get(0))?;
-    let dead_letters: i64 = c.query_row("SELECT COUNT(*) FROM dead_letters", [], |r| r.get(0))?;
+    let dead_letters = crate::consumer::dead_letters::count(c)?;
     Ok(Snapshot {
         pending_events: backlog.events,
         pending_bytes: backlog.bytes,
         oldest_pending_ms,
         streams,
         streams_total: streams_total.max(0) as u64,
-        dead_letters: dead_letters.max(0) as u64,
+        dead_letters,
     })
 }

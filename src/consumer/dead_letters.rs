@@ -79,6 +79,15 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {
     })
 }
 
+/// How many dead letters there are (by the index on `received_at_ms`: cheap however
+/// large the kept messages).
+pub fn count(conn: &rusqlite::Connection) -> Result<u64, DbError> {
+    let n: i64 = conn
+        .prepare_cached("SELECT COUNT(*) FROM dead_letters")?
+        .query_row([], |r| r.get(0))?;
+    Ok(n.max(0) as u64)
+}
+
 /// Dead letters with an id above `after`, oldest first, at most `limit`.
 pub fn list(
     conn: &rusqlite::Connection,

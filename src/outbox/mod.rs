@@ -788,6 +788,20 @@ pub fn stats(conn: &Connection) -> Result<OutboxStats, DbError> {
     })
 }
 
+/// When the oldest event never published was written (ms since the Unix epoch), if
+/// any. Rows pending again for a replay (old by design) do not count. By the partial
+/// index of pending rows: cheap at any backlog, though it reads past the rows of a
+/// replay in progress.
+pub fn oldest_unpublished_ms(conn: &Connection) -> Result<Option<i64>, DbError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT created_at_ms FROM outbox INDEXED BY outbox_pending_by_id
+             WHERE published_at_ms IS NULL AND replayed = 0 ORDER BY id LIMIT 1",
+        )?
+        .query_row([], |r| r.get(0))
+        .optional()?)
+}
+
 /// The highest sequence number enqueued in `stream`, if any.
 pub fn last_seq(conn: &Connection, stream: &str) -> Result<Option<u64>, DbError> {
     Ok(conn

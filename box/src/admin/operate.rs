@@ -95,14 +95,10 @@ fn age(ms: Option<i64>) -> String {
 pub fn status(db: &Path, url: Option<&str>) -> anyhow::Result<Answer> {
     let c = open_read_only(db)?;
     let backlog = outbox::backlog(&c)?;
-    let oldest: Option<i64> = c.query_row(
-        "SELECT MIN(created_at_ms) FROM outbox WHERE published_at_ms IS NULL",
-        [],
-        |r| r.get(0),
-    )?;
+    let oldest = outbox::oldest_unpublished_ms(&c)?;
     let heads = outbox::heads(&c)?;
     let positions = inbox::positions(&c)?;
-    let dead: i64 = c.query_row("SELECT COUNT(*) FROM dead_letters", [], |r| r.get(0))?;
+    let dead = dead_letters::count(&c)?;
     let live = url.map(|u| {
         let status = get(u, "/outbox");
         let health = get(u, "/healthz");
@@ -116,7 +112,7 @@ pub fn status(db: &Path, url: Option<&str>) -> anyhow::Result<Answer> {
         ));
     }
     let mut text = format!(
-        "{}\noutbox: {} pending ({} bytes), oldest pending {}\n",
+        "{}\noutbox: {} pending ({} bytes), oldest never published {}\n",
         db.display(),
         backlog.events,
         backlog.bytes,

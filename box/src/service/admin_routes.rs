@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::http::{ApiError, AppJson, AppPath, AppQuery, AppState, ErrorBody, ErrorCode};
 use edge_outbox::consumer::dead_letters::Requeued;
 use edge_outbox::consumer::AdminError;
+use edge_outbox::retry::{truncated, LOG_DETAIL_MAX_CHARS};
 use edge_outbox::StreamKey;
 
 /// Longest note kept with a dropped dead letter, in characters.
@@ -85,7 +86,10 @@ fn admin(state: &AppState) -> Result<&edge_outbox::ConsumerAdmin, ApiError> {
 
 fn admin_error(e: AdminError) -> ApiError {
     match e {
-        AdminError::NotConsumed(_) => ApiError::not_found(e.to_string()),
+        // The key is the request's own: echoed bounded.
+        AdminError::NotConsumed(_) => {
+            ApiError::not_found(truncated(&e.to_string(), LOG_DETAIL_MAX_CHARS))
+        }
         AdminError::BadSequence(_) => ApiError::invalid("from_seq", e.to_string()),
         AdminError::NotSent(_) => ApiError::new(ErrorCode::ConsumerUnavailable, e.to_string()),
         AdminError::Db(db) => db.into(),

@@ -48,12 +48,6 @@ impl ServiceMetrics {
     }
 }
 
-impl std::fmt::Debug for ServiceMetrics {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ServiceMetrics")
-    }
-}
-
 /// A method from the fixed set, so that a client cannot mint label values.
 fn method_label(m: &Method) -> &'static str {
     match *m {

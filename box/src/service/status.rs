@@ -93,7 +93,7 @@ pub(crate) async fn outbox_status(State(state): State<AppState>) -> Result<Json<
                     },
                 );
             }
-            let dead: i64 = c.query_row("SELECT COUNT(*) FROM dead_letters", [], |r| r.get(0))?;
+            let dead = edge_outbox::consumer::dead_letters::count(c)?;
             let orphaned: i64 = c.query_row(
                 "SELECT COALESCE(SUM(orphaned_last - orphaned_first + 1), 0) FROM inbox_epoch_changes",
                 [],
