@@ -17,7 +17,9 @@ use crate::storage::{DbOptions, Synchronous};
 pub struct Config {
     /// MQTT broker to publish to and consume from: mqtt://HOST:PORT (plain TCP, port
     /// 1883 by default) or mqtts://HOST:PORT (TLS, 8883 by default; the server's
-    /// certificate must be valid for HOST).
+    /// certificate must be valid for HOST). For a clustered broker, a comma-separated
+    /// list of its nodes (same scheme, at most 16): after a connection failure the
+    /// service tries the next one (docs/scaling.md).
     #[arg(
         long = "broker",
         env = "MQTT_URL",
@@ -268,6 +270,9 @@ impl BrokerAddr {
 /// field tops out at 256 MiB) leaves room for the topic and headers.
 const MQTT_PAYLOAD_MAX_BYTES: usize = 255 * 1024 * 1024;
 
+/// Broker addresses that `--broker` may list at most.
+pub const BROKERS_MAX: usize = 16;
+
 impl Config {
     /// Checks every setting; the error names the flag and what is wrong with it.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -453,49 +458,44 @@ impl Config {
         }))
     }
 
-    /// The broker address from `broker_url`. See [`BrokerAddr::is_loopback`] for
+    /// The first broker address of `broker_url`. See [`BrokerAddr::is_loopback`] for
     /// whether traffic to it leaves this machine.
     pub fn broker(&self) -> Result<BrokerAddr, ConfigError> {
-        let url = self.broker_url.trim();
-        let plain = url
-            .strip_prefix("mqtt://")
-            .or_else(|| url.strip_prefix("tcp://"));
-        let tls = url
-            .strip_prefix("mqtts://")
-            .or_else(|| url.strip_prefix("ssl://"));
-        let (rest, tls, default_port) = match (plain, tls) {
-            (Some(rest), _) => (rest, false, 1883),
-            (None, Some(rest)) => (rest, true, 8883),
-            (None, None) => {
+        Ok(self.brokers()?.swap_remove(0))
+    }
+
+    /// Every broker address of `broker_url`, a comma-separated list of the nodes of
+    /// one cluster, in the order they are tried. All use the same scheme (one TLS
+    /// setting serves them all) and none is listed twice.
+    pub fn brokers(&self) -> Result<Vec<BrokerAddr>, ConfigError> {
+        let urls: Vec<&str> = self.broker_url.split(',').map(str::trim).collect();
+        if urls.len() > BROKERS_MAX {
+            return Err(bad(
+                "broker",
+                format!("{} addresses; at most {BROKERS_MAX}", urls.len()),
+            ));
+        }
+        let mut out: Vec<BrokerAddr> = Vec::with_capacity(urls.len());
+        for url in urls {
+            if url.is_empty() {
                 return Err(bad(
                     "broker",
-                    format!("{url:?}: must look like mqtt://HOST:PORT or mqtts://HOST:PORT"),
-                ))
+                    "an empty address in the list (two commas, or one at an end)",
+                ));
             }
-        };
-        let rest = rest.trim_end_matches('/');
-        if rest.contains('@') {
-            return Err(bad("broker", "credentials in the URL are not supported"));
-        }
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) => {
-                let port =
-                    p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| {
-                        bad("broker", format!("{url:?}: port {p:?} is not 1-65535"))
-                    })?;
-                (h, port)
+            let addr = parse_broker(url)?;
+            if out.first().is_some_and(|first| first.tls != addr.tls) {
+                return Err(bad(
+                    "broker",
+                    "mixes mqtt:// and mqtts:// addresses: every node of one cluster must use the same scheme",
+                ));
             }
-            None => (rest, default_port),
-        };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() || host.contains('/') {
-            return Err(bad("broker", format!("{url:?}: missing or malformed host")));
+            if out.contains(&addr) {
+                return Err(bad("broker", format!("{url:?} is listed twice")));
+            }
+            out.push(addr);
         }
-        Ok(BrokerAddr {
-            tls,
-            host: host.to_owned(),
-            port,
-        })
+        Ok(out)
     }
 
     /// The TLS client config for an mqtts:// broker (None for mqtt://), built from
@@ -553,6 +553,50 @@ impl Config {
     pub fn ms(v: u64) -> Duration {
         Duration::from_millis(v)
     }
+}
+
+/// One broker address, mqtt://HOST:PORT or mqtts://HOST:PORT.
+fn parse_broker(url: &str) -> Result<BrokerAddr, ConfigError> {
+    let plain = url
+        .strip_prefix("mqtt://")
+        .or_else(|| url.strip_prefix("tcp://"));
+    let tls = url
+        .strip_prefix("mqtts://")
+        .or_else(|| url.strip_prefix("ssl://"));
+    let (rest, tls, default_port) = match (plain, tls) {
+        (Some(rest), _) => (rest, false, 1883),
+        (None, Some(rest)) => (rest, true, 8883),
+        (None, None) => {
+            return Err(bad(
+                "broker",
+                format!("{url:?}: must look like mqtt://HOST:PORT or mqtts://HOST:PORT"),
+            ))
+        }
+    };
+    let rest = rest.trim_end_matches('/');
+    if rest.contains('@') {
+        return Err(bad("broker", "credentials in the URL are not supported"));
+    }
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) => {
+            let port = p
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| bad("broker", format!("{url:?}: port {p:?} is not 1-65535")))?;
+            (h, port)
+        }
+        None => (rest, default_port),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || host.contains('/') {
+        return Err(bad("broker", format!("{url:?}: missing or malformed host")));
+    }
+    Ok(BrokerAddr {
+        tls,
+        host: host.to_owned(),
+        port,
+    })
 }
 
 /// Reads a password file: its first line, without the newline. Refuses a file that is
@@ -721,6 +765,58 @@ mod tests {
             let e = c.validate().unwrap_err();
             assert_eq!(e.flag, "broker", "{bad_url}");
         }
+    }
+
+    #[test]
+    fn a_list_of_broker_addresses_is_parsed_in_order_and_bad_lists_are_named() {
+        let c = Config {
+            broker_url: "mqtt://10.0.0.1:1883, mqtt://10.0.0.2,mqtt://[::1]:1999".into(),
+            ..Config::default()
+        };
+        let hosts: Vec<(String, u16)> = c
+            .brokers()
+            .unwrap()
+            .into_iter()
+            .map(|a| (a.host, a.port))
+            .collect();
+        assert_eq!(
+            hosts,
+            [
+                ("10.0.0.1".to_owned(), 1883),
+                ("10.0.0.2".to_owned(), 1883),
+                ("::1".to_owned(), 1999)
+            ]
+        );
+        assert_eq!(c.broker().unwrap().host, "10.0.0.1");
+        for (list, why) in [
+            ("mqtt://a:1,,mqtt://b:1", "empty address"),
+            ("mqtt://a:1,", "empty address"),
+            ("mqtt://a:1,mqtts://b:1", "mixes"),
+            ("mqtt://a:1,mqtt://a:1", "listed twice"),
+            ("mqtt://a:1,http://b:1", "must look like"),
+        ] {
+            let e = Config {
+                broker_url: list.into(),
+                ..Config::default()
+            }
+            .validate()
+            .unwrap_err();
+            assert_eq!(e.flag, "broker", "{list}");
+            assert!(e.to_string().contains(why), "{list}: {e}");
+        }
+        let many = vec!["mqtt://h:1"; BROKERS_MAX + 1]
+            .iter()
+            .enumerate()
+            .map(|(i, u)| format!("{u}{i}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let e = Config {
+            broker_url: many,
+            ..Config::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(e.to_string().contains("at most 16"), "{e}");
     }
 
     #[test]

@@ -1,10 +1,38 @@
-//! MQTT client settings shared by the relay and the consumer.
+//! The MQTT link shared by the relay and the consumer: one client, and one task that
+//! owns its event loop for the life of the link.
+//!
+//! Why a task of its own: `EventLoop::poll` is not safe to drop while it connects. A
+//! relay that polled inside its own `select!` dropped the half-made connection
+//! whenever a timer or a commit won the race, and opened another with the same client
+//! id (found on a NATS cluster: several connections per relay at start, the broker
+//! kicking one). Here `poll` is only ever dropped when the link is dropped.
+//!
+//! The task also:
+//! - subscribes to the link's filters at every CONNACK and checks each SUBACK return
+//!   code: a refused filter is logged and asked for again, with a capped backoff, until
+//!   the broker grants it (a NATS cluster refuses subscriptions for a few seconds after a
+//!   node dies; an ACL refuses them until it is fixed);
+//! - after a connection error, drops what rumqttc still holds of the dead connection
+//!   (PUBACK and outgoing-publish events it read or made before the error are returned
+//!   by the next `poll`, after the next CONNACK, where they resolved the wrong publishes);
+//! - moves to the next broker address after each failure (`--broker` may list several
+//!   nodes of a cluster), waiting a capped exponential backoff that only a connection
+//!   that lasted resets.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, EventLoop, MqttOptions, NetworkOptions, TlsConfiguration, Transport};
+use rumqttc::{
+    AsyncClient, Event, EventLoop, MqttOptions, NetworkOptions, Outgoing, Packet, SubscribeFilter,
+    SubscribeReasonCode, TlsConfiguration, Transport,
+};
+use tokio::sync::mpsc;
+use tokio::time::sleep;
+use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, ConfigError};
+use crate::config::{BrokerAddr, Config, ConfigError};
+use crate::retry::{short_connections_hint, Backoff, Connections, LogLimiter};
 
 /// Largest packet accepted from the broker. Larger than any valid event, so that an
 /// oversize message is received and dead-lettered by the inbox: a packet above the
@@ -14,41 +42,405 @@ use crate::config::{Config, ConfigError};
 pub const INCOMING_PACKET_MAX_BYTES: usize = 16 * 1024 * 1024;
 
 /// Seconds allowed for the TCP connect and CONNACK, and for flushing a write.
-const CONNECT_TIMEOUT_S: u64 = 5;
+pub const CONNECT_TIMEOUT_S: u64 = 5;
 
-/// A client and its event loop for `client_id`. `clean_session = false` asks the broker
-/// to keep the session (subscriptions and queued QoS1 messages) across disconnects.
-/// `request_capacity` bounds the queue of requests (publishes, acks) to the event loop.
-/// `manual_acks` leaves the PUBACK of each received message to the caller.
-pub fn client(
+/// Events of the event loop waiting for the relay or consumer to take them.
+const EVENTS_QUEUE_MAX: usize = 1024;
+
+/// First and longest wait before asking again for a subscription the broker refused.
+const SUBSCRIBE_RETRY_MIN: Duration = Duration::from_millis(500);
+const SUBSCRIBE_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// A status text that a task sets and status pages read.
+#[derive(Debug, Default)]
+pub(crate) struct Note(Mutex<Option<String>>);
+
+impl Note {
+    pub(crate) fn get(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub(crate) fn set(&self, text: Option<String>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = text;
+    }
+}
+
+/// What a link is connected to, for status pages. Cheap to read at any time.
+#[derive(Debug, Default)]
+pub struct LinkStatus {
+    broker: Note,
+    subscription_refused: Note,
+    failovers: AtomicU64,
+    connected: AtomicBool,
+}
+
+impl LinkStatus {
+    /// The broker address (HOST:PORT) in use or being tried.
+    pub fn broker(&self) -> Option<String> {
+        self.broker.get()
+    }
+    /// Filters the broker refused in its last SUBACK and that are being asked for
+    /// again, or None while every subscription is granted.
+    pub fn subscription_refused(&self) -> Option<String> {
+        self.subscription_refused.get()
+    }
+    /// Times the link moved to another address of `--broker` since start.
+    pub fn failovers(&self) -> u64 {
+        self.failovers.load(Ordering::Relaxed)
+    }
+    /// True between a CONNACK and the next connection error.
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+}
+
+/// What the link task hands to its owner, in the order the event loop produced it.
+#[derive(Debug)]
+pub enum Polled {
+    /// An event of the current connection.
+    Event(Event),
+    /// The connection (or an attempt) failed; the link waits and tries the next address.
+    Lost {
+        /// What failed, with its causes and, when the broker keeps dropping the
+        /// connection right after accepting it, what that most likely means.
+        why: String,
+        /// The broker answered CONNECT with a refusal (credentials, authorisation).
+        refused: bool,
+    },
+}
+
+/// How a link connects.
+pub struct LinkOptions {
+    /// The MQTT client id.
+    pub client_id: String,
+    /// Who owns the link, for log lines: "relay" or "consumer".
+    pub role: &'static str,
+    /// Ask the broker to drop the session at disconnect (the relay: its outbox is its
+    /// session) or keep it (the consumer: queued QoS1 messages wait for it).
+    pub clean_session: bool,
+    /// Leave the PUBACK of each received message to the owner.
+    pub manual_acks: bool,
+    /// Requests (publishes, acks) queued for the event loop at most.
+    pub request_capacity: usize,
+    /// Subscribed at every CONNACK.
+    pub filters: Vec<SubscribeFilter>,
+}
+
+/// A connected client: publish with `client`, read what happens from `events`.
+pub struct Link {
+    /// Requests to the broker.
+    pub client: AsyncClient,
+    /// Events and connection failures, in order.
+    pub events: mpsc::Receiver<Polled>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    stop: CancellationToken,
+}
+
+impl Link {
+    /// Starts the link task for `config`'s broker addresses.
+    pub fn start(
+        config: &Config,
+        opts: LinkOptions,
+        status: Arc<LinkStatus>,
+    ) -> Result<Link, ConfigError> {
+        let addresses = config.brokers()?;
+        let options = addresses
+            .iter()
+            .map(|a| mqtt_options(config, a, &opts))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (client, mut eventloop) = AsyncClient::new(options[0].clone(), opts.request_capacity);
+        let mut net = NetworkOptions::new();
+        // Without TCP_NODELAY a publish-then-wait-for-PUBACK loop stalls on Nagle plus
+        // delayed ACK (about 40 ms per round trip).
+        net.set_tcp_nodelay(true);
+        net.set_connection_timeout(CONNECT_TIMEOUT_S);
+        eventloop.set_network_options(net);
+        let (tx, events) = mpsc::channel(EVENTS_QUEUE_MAX);
+        let stop = CancellationToken::new();
+        let backoff = Backoff::new(
+            Config::ms(config.reconnect_backoff_min_ms),
+            Config::ms(config.reconnect_backoff_max_ms),
+        );
+        let driver = Driver {
+            eventloop,
+            client: client.clone(),
+            addresses,
+            options,
+            current: 0,
+            role: opts.role,
+            clean_session: opts.clean_session,
+            filters: opts.filters,
+            status,
+            backoff,
+        };
+        let task = tokio::spawn(driver.run(tx, stop.clone()));
+        Ok(Link {
+            client,
+            events,
+            task: Some(task),
+            stop,
+        })
+    }
+
+    /// Sends DISCONNECT after what is queued and waits up to `timeout` for the task to
+    /// write it; stops the task in any case. Events not read yet are dropped.
+    pub async fn disconnect(mut self, timeout: Duration) {
+        let _ = self.client.try_disconnect();
+        self.events.close();
+        if let Some(task) = self.task.as_mut() {
+            if tokio::time::timeout(timeout, task).await.is_err() {
+                self.stop.cancel();
+            }
+        }
+    }
+}
+
+impl Drop for Link {
+    /// A link dropped (its owner's task aborted, as when a process is killed) drops its
+    /// connection at once.
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// rumqttc's options for one broker address.
+fn mqtt_options(
     config: &Config,
-    client_id: String,
-    clean_session: bool,
-    manual_acks: bool,
-    request_capacity: usize,
-) -> Result<(AsyncClient, EventLoop), ConfigError> {
-    let broker = config.broker()?;
-    let mut opts = MqttOptions::new(client_id, broker.host, broker.port);
+    addr: &BrokerAddr,
+    opts: &LinkOptions,
+) -> Result<MqttOptions, ConfigError> {
+    let mut o = MqttOptions::new(opts.client_id.clone(), addr.host.clone(), addr.port);
     if let Some(c) = config.credentials()? {
-        opts.set_credentials(c.username, c.password.expose());
+        o.set_credentials(c.username, c.password.expose());
     }
     if let Some(tls) = config.tls()? {
-        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+        o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
     }
-    opts.set_keep_alive(Duration::from_secs(config.mqtt_keep_alive_s));
+    o.set_keep_alive(Duration::from_secs(config.mqtt_keep_alive_s));
     // rumqttc's default (10 KiB) turns one larger message into an endless reconnect
     // loop; events up to --payload-max-bytes must pass both ways.
     let packet_max = config.mqtt_packet_max_bytes();
-    opts.set_max_packet_size(packet_max.max(INCOMING_PACKET_MAX_BYTES), packet_max);
-    opts.set_clean_session(clean_session);
-    opts.set_manual_acks(manual_acks);
-    opts.set_request_channel_capacity(request_capacity);
-    let (client, mut eventloop) = AsyncClient::new(opts, request_capacity);
-    let mut net = NetworkOptions::new();
-    // Without TCP_NODELAY a publish-then-wait-for-PUBACK loop stalls on Nagle plus
-    // delayed ACK (about 40 ms per round trip).
-    net.set_tcp_nodelay(true);
-    net.set_connection_timeout(CONNECT_TIMEOUT_S);
-    eventloop.set_network_options(net);
-    Ok((client, eventloop))
+    o.set_max_packet_size(packet_max.max(INCOMING_PACKET_MAX_BYTES), packet_max);
+    o.set_clean_session(opts.clean_session);
+    o.set_manual_acks(opts.manual_acks);
+    o.set_request_channel_capacity(opts.request_capacity);
+    Ok(o)
+}
+
+/// A connection error with its causes, e.g. "TLS: invalid peer certificate:
+/// UnknownIssuer": rumqttc's own message names only the outermost layer.
+pub fn connection_error_text(e: &rumqttc::ConnectionError) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
+}
+
+/// Whether the owner needs `item`: CONNACKs, received messages and PUBACKs, the
+/// publishes rumqttc wrote (the relay correlates them) and failures. Pings, SUBACKs
+/// (handled here) and outgoing acks would only fill the queue.
+fn wanted(item: &Polled) -> bool {
+    match item {
+        Polled::Lost { .. } => true,
+        Polled::Event(Event::Incoming(p)) => matches!(
+            p,
+            Packet::ConnAck(_) | Packet::Publish(_) | Packet::PubAck(_)
+        ),
+        Polled::Event(Event::Outgoing(o)) => matches!(o, Outgoing::Publish(_)),
+    }
+}
+
+/// The link task's state.
+struct Driver {
+    eventloop: EventLoop,
+    client: AsyncClient,
+    addresses: Vec<BrokerAddr>,
+    options: Vec<MqttOptions>,
+    current: usize,
+    role: &'static str,
+    clean_session: bool,
+    filters: Vec<SubscribeFilter>,
+    status: Arc<LinkStatus>,
+    backoff: Backoff,
+}
+
+impl Driver {
+    async fn run(mut self, tx: mpsc::Sender<Polled>, stop: CancellationToken) {
+        let client_id = self.eventloop.mqtt_options.client_id();
+        let mut connections = Connections::default();
+        let mut flap_log = LogLimiter::new(Duration::from_secs(60));
+        let mut sub_log = LogLimiter::new(Duration::from_secs(60));
+        // Filters asked for in SUBSCRIBE packets not yet answered, oldest first.
+        let mut asked: std::collections::VecDeque<Vec<SubscribeFilter>> = Default::default();
+        let mut sub_backoff = Backoff::new(SUBSCRIBE_RETRY_MIN, SUBSCRIBE_RETRY_MAX);
+        // Bumped at every CONNACK, so that a retry timed for an earlier connection
+        // (whose CONNACK subscribed to everything again) does nothing.
+        let connection = Arc::new(AtomicU64::new(0));
+        self.status.broker.set(Some(self.address()));
+        loop {
+            let polled = tokio::select! {
+                _ = stop.cancelled() => return,
+                event = self.eventloop.poll() => event,
+            };
+            let item = match polled {
+                Ok(event) => {
+                    match &event {
+                        Event::Incoming(Packet::ConnAck(_)) => {
+                            connections.connected();
+                            self.status.connected.store(true, Ordering::Relaxed);
+                            connection.fetch_add(1, Ordering::Relaxed);
+                            asked.clear();
+                            sub_backoff.reset();
+                            // Always subscribe: a broker that lost the session lost the
+                            // subscriptions.
+                            if !self.filters.is_empty() {
+                                match self.client.try_subscribe_many(self.filters.clone()) {
+                                    Ok(()) => asked.push_back(self.filters.clone()),
+                                    Err(e) => {
+                                        tracing::warn!(error = %e, "{}: could not queue its subscriptions", self.role)
+                                    }
+                                }
+                            }
+                        }
+                        Event::Incoming(Packet::SubAck(ack)) => {
+                            let filters = asked.pop_front().unwrap_or_default();
+                            let failed =
+                                |c: &SubscribeReasonCode| matches!(c, SubscribeReasonCode::Failure);
+                            let refused: Vec<SubscribeFilter> =
+                                if filters.len() == ack.return_codes.len() {
+                                    filters
+                                        .iter()
+                                        .zip(&ack.return_codes)
+                                        .filter(|(_, c)| failed(c))
+                                        .map(|(f, _)| f.clone())
+                                        .collect()
+                                } else if ack.return_codes.iter().any(failed) {
+                                    self.filters.clone() // not the SUBACK expected: ask for all
+                                } else {
+                                    Vec::new()
+                                };
+                            if refused.is_empty() {
+                                if self.status.subscription_refused.get().is_some() {
+                                    tracing::info!(
+                                        "{}: the broker granted the subscriptions it had refused",
+                                        self.role
+                                    );
+                                }
+                                self.status.subscription_refused.set(None);
+                                sub_backoff.reset();
+                            } else {
+                                let names: Vec<&str> =
+                                    refused.iter().map(|f| f.path.as_str()).collect();
+                                let delay = sub_backoff.next_delay();
+                                let why = format!(
+                                    "the broker refused the subscription to {} (its ACL, or a cluster still electing a leader); asking again in {} ms",
+                                    names.join(", "),
+                                    delay.as_millis()
+                                );
+                                if let Some(suppressed) = sub_log.allow() {
+                                    tracing::error!(suppressed, "{}: {why}", self.role);
+                                }
+                                self.status.subscription_refused.set(Some(why));
+                                asked.push_back(refused.clone());
+                                let (client, gen, at) = (
+                                    self.client.clone(),
+                                    connection.clone(),
+                                    connection.load(Ordering::Relaxed),
+                                );
+                                tokio::spawn(async move {
+                                    sleep(delay).await;
+                                    if gen.load(Ordering::Relaxed) == at {
+                                        let _ = client.subscribe_many(refused).await;
+                                    }
+                                });
+                            }
+                        }
+                        _ => {}
+                    }
+                    let done = matches!(event, Event::Outgoing(Outgoing::Disconnect));
+                    if done {
+                        let _ = tx.try_send(Polled::Event(event));
+                        return;
+                    }
+                    Polled::Event(event)
+                }
+                Err(e) => {
+                    self.status.connected.store(false, Ordering::Relaxed);
+                    asked.clear();
+                    self.forget_dead_connection();
+                    let mut why = format!("{}: {}", self.address(), connection_error_text(&e));
+                    if let Some(n) = connections.lost(&mut self.backoff) {
+                        let hint = short_connections_hint(&client_id, n);
+                        if let Some(suppressed) = flap_log.allow() {
+                            tracing::error!(suppressed, "{}: {hint}", self.role);
+                        }
+                        why = format!("{why}; {hint}");
+                    }
+                    let refused = matches!(e, rumqttc::ConnectionError::ConnectionRefused(_));
+                    if tx.send(Polled::Lost { why, refused }).await.is_err() {
+                        return; // the owner is stopping: nothing to reconnect for
+                    }
+                    self.next_address();
+                    tokio::select! {
+                        _ = sleep(self.backoff.next_delay()) => {}
+                        _ = stop.cancelled() => return,
+                    }
+                    continue;
+                }
+            };
+            // A closed receiver means the owner is stopping: keep polling (queued acks
+            // and the DISCONNECT still go out) without forwarding.
+            if !tx.is_closed() && wanted(&item) {
+                let _ = tx.send(item).await;
+            }
+        }
+    }
+
+    /// "HOST:PORT" of the address in use.
+    fn address(&self) -> String {
+        let a = &self.addresses[self.current];
+        if a.host.contains(':') {
+            format!("[{}]:{}", a.host, a.port)
+        } else {
+            format!("{}:{}", a.host, a.port)
+        }
+    }
+
+    /// After a failure: the next address of `--broker`, if it lists several.
+    fn next_address(&mut self) {
+        if self.addresses.len() < 2 {
+            return;
+        }
+        self.current = (self.current + 1) % self.addresses.len();
+        self.eventloop.mqtt_options = self.options[self.current].clone();
+        self.status.failovers.fetch_add(1, Ordering::Relaxed);
+        self.status.broker.set(Some(self.address()));
+        tracing::info!(broker = %self.address(), "{}: trying the next broker address", self.role);
+    }
+
+    /// rumqttc keeps, after an error, the events it had made for the dead connection
+    /// (returned by the next `poll`, after the next CONNACK) and, for a clean session,
+    /// the publishes it would send again (which only a resumed session wants). The
+    /// owner has already reset what it waited for: PUBACKs and outgoing-publish events
+    /// of the dead connection would resolve the wrong publishes of the new one. Messages
+    /// received before the error are kept: they were read, and are still to be applied.
+    fn forget_dead_connection(&mut self) {
+        self.eventloop
+            .state
+            .events
+            .retain(|e| matches!(e, Event::Incoming(Packet::Publish(_))));
+        if self.clean_session {
+            self.eventloop.pending.clear();
+        }
+    }
 }

@@ -45,8 +45,9 @@ pub const PROBE_STREAM: &str = "_probe";
 /// of a producer; this bounds it to some thousands of streams).
 pub const CONTROL_MAX_BYTES: usize = 256 * 1024;
 
-/// A source, stream or consumer name: 1-64 of `a-z 0-9 . _ -`, starting with a letter or
-/// digit. Such names are safe as one MQTT topic level (no `/`, `+`, `#`, `$`).
+/// A source, stream or consumer name: 1-64 of `a-z 0-9 _ -`, starting with a letter or
+/// digit. Such names are safe as one MQTT topic level on every supported broker (no
+/// `/`, `+`, `#`, `$`; no `.` or space, which NATS refuses).
 pub fn validate_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > NAME_MAX_BYTES {
         return Err(format!("{name:?} must be 1 to {NAME_MAX_BYTES} bytes"));
@@ -55,13 +56,18 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     let first_ok = chars
         .next()
         .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if name.contains('.') {
+        return Err(format!(
+            "{name:?} holds '.', which NATS (a supported clustered broker) refuses in a topic level: use '-' or '_'"
+        ));
+    }
     if !first_ok
         || !name
             .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c))
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_-".contains(c))
     {
         return Err(format!(
-            "{name:?} may hold only a-z, 0-9, '.', '_' and '-', and must start with a letter or digit"
+            "{name:?} may hold only a-z, 0-9, '_' and '-', and must start with a letter or digit"
         ));
     }
     Ok(())
@@ -88,7 +94,7 @@ pub fn validate_event_type(t: &str) -> Result<(), String> {
 }
 
 /// A topic prefix: one or more `/`-separated levels, each 1 or more of
-/// `A-Z a-z 0-9 . _ -`; no wildcards, no leading `$` (reserved by brokers), no empty level.
+/// `A-Z a-z 0-9 _ -`; no `.` (NATS refuses it), no wildcards, no leading `$` (reserved by brokers), no empty level.
 pub fn validate_prefix(prefix: &str) -> Result<(), String> {
     if prefix.is_empty() || prefix.len() > PREFIX_MAX_BYTES {
         return Err(format!("{prefix:?} must be 1 to {PREFIX_MAX_BYTES} bytes"));
@@ -97,9 +103,14 @@ pub fn validate_prefix(prefix: &str) -> Result<(), String> {
         if level.is_empty() {
             return Err(format!("{prefix:?} has an empty topic level"));
         }
+        if level.contains('.') {
+            return Err(format!(
+                "{prefix:?} holds '.', which NATS (a supported clustered broker) refuses in a topic level: use '-' or '_'"
+            ));
+        }
         if !level.chars().all(is_level_char) {
             return Err(format!(
-                "{prefix:?}: topic levels may hold only letters, digits, '.', '_' and '-' (no wildcards)"
+                "{prefix:?}: topic levels may hold only letters, digits, '_' and '-' (no wildcards)"
             ));
         }
     }
@@ -401,6 +412,7 @@ pub(crate) fn parse_control<T: serde::de::DeserializeOwned>(payload: &[u8]) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Config;
 
     #[test]
     fn names_with_topic_metacharacters_are_refused() {
@@ -412,13 +424,31 @@ mod tests {
             "$sys",
             "Upper",
             "-lead",
+            "a b",
             &"x".repeat(65),
         ] {
             assert!(validate_name(bad).is_err(), "{bad:?}");
         }
-        for good in ["users", "user-service", "a.b_c-1", "0"] {
+        for good in ["users", "user-service", "a_b-1", "0"] {
             validate_name(good).unwrap();
         }
+    }
+
+    #[test]
+    fn dots_are_refused_in_names_and_prefixes_saying_nats_refuses_them() {
+        // NATS 2.9's MQTT listener refuses '.' in topic levels (FIELD-NOTES.md).
+        let e = validate_name("site.1").unwrap_err();
+        assert!(e.contains("NATS"), "{e}");
+        let e = validate_prefix("edge/site.1").unwrap_err();
+        assert!(e.contains("NATS"), "{e}");
+        let e = Config {
+            source: "user.service".into(),
+            ..Config::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert_eq!(e.flag, "source");
+        assert!(e.to_string().contains("NATS"), "{e}");
     }
 
     #[test]

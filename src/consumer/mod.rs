@@ -2,12 +2,13 @@
 //! through [`crate::consumer::inbox`] and acknowledges each one only after its transaction
 //! committed.
 //!
-//! Two tasks. The *poller* owns the MQTT event loop: it forwards received messages,
-//! subscribes after every CONNACK (a broker that lost the session has lost the
-//! subscriptions too), and backs off after errors. The *processor* takes messages in
-//! batches, applies each batch in one write (one fsync), then sends the PUBACKs in
-//! receive order. Acks are never sent from the poller: rumqttc's request queue would
-//! fill while the poller waits on it (a deadlock seen in practice).
+//! Two tasks. The *poller* ([`crate::mqtt::Link`]) owns the MQTT event loop: it
+//! forwards received messages, subscribes after every CONNACK (a broker that lost the
+//! session has lost the subscriptions too) and again after a refusal, and backs off
+//! after errors. The *processor* takes messages in batches, applies each batch in one
+//! write (one fsync), then sends the PUBACKs in receive order. Acks are never sent from
+//! the poller: rumqttc's request queue would fill while the poller waits on it (a
+//! deadlock seen in practice).
 //!
 //! The processor also repairs what the broker lost (docs/recovery.md): it tracks, per
 //! stream, the highest sequence number known to exist (from messages ahead of a gap
@@ -22,25 +23,21 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rumqttc::{
-    AsyncClient, Event, EventLoop, Outgoing, Packet, Publish, QoS, SubscribeFilter,
-    SubscribeReasonCode,
-};
+use rumqttc::{AsyncClient, Event, Packet, Publish, QoS, SubscribeFilter};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{interval, sleep, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError};
+use crate::mqtt::{Link, LinkOptions, LinkStatus, Polled};
 use crate::protocol::{self, HeadAnnouncement, PositionReport, ReplayRequest, Topics};
-use crate::retry::{
-    short_connections_hint, truncated, Backoff, Connections, LogLimiter, LOG_DETAIL_MAX_CHARS,
-};
+use crate::retry::{truncated, Backoff, LogLimiter, LOG_DETAIL_MAX_CHARS};
 use crate::storage::{Database, DbError};
 use inbox::{ApplyError, Handlers, InboxContext, Isolation, Outcome, StreamKey};
 
-/// Messages buffered between the poller and the processor. The broker sends at most
-/// its `max_inflight_messages` unacknowledged QoS1 messages, so this rarely fills.
+/// Sizes rumqttc's request queue (acks, replay requests, position reports). The broker
+/// sends at most its `max_inflight_messages` unacknowledged QoS1 messages.
 const RECEIVE_QUEUE_MAX: usize = 1_024;
 /// How soon acks that rumqttc's full queue refused are offered again.
 const ACK_RETRY: Duration = Duration::from_millis(5);
@@ -105,12 +102,17 @@ pub struct ConsumerStatus {
     orphaned: AtomicU64,
     producer_rewound: Mutex<Option<String>>,
     streams: Mutex<BTreeMap<String, StreamProgress>>,
+    link: Arc<LinkStatus>,
 }
 
 impl ConsumerStatus {
     /// True while the consumer holds a session with the broker.
     pub fn connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
+    }
+    /// The broker connection: the address in use, refused subscriptions, failovers.
+    pub fn link(&self) -> &LinkStatus {
+        &self.link
     }
     /// Event messages taken for applying since start (applied or not).
     pub fn received(&self) -> u64 {
@@ -169,11 +171,6 @@ struct Gap {
     /// When the position last moved (or the gap was found).
     progress_at: Instant,
     requested_at: Option<Instant>,
-}
-
-enum Received {
-    Connected,
-    Message(Publish),
 }
 
 /// Consumes the given streams into one database. See the module docs.
@@ -352,8 +349,6 @@ impl Consumer {
         let mut operator_replays = std::mem::replace(&mut self.replays_rx, idle);
         let cfg = &self.config;
         let client_id = self.client_id();
-        let (client, eventloop) =
-            crate::mqtt::client(cfg, client_id.clone(), false, true, 4 * RECEIVE_QUEUE_MAX)?;
         let topics = &self.ctx.topics;
         let mut filters: Vec<SubscribeFilter> = self
             .streams
@@ -378,22 +373,21 @@ impl Consumer {
         for k in &self.streams {
             positions.entry(k.clone()).or_insert(0);
         }
-        let (received_tx, mut received) = mpsc::channel(RECEIVE_QUEUE_MAX);
-        let poller_stop = CancellationToken::new();
-        // Aborted when this future is dropped, so that a consumer killed mid-batch
-        // (its task aborted) also drops its connection, as a killed process would.
-        let mut poller = AbortOnDrop(tokio::spawn(poll(
-            eventloop,
-            client.clone(),
-            filters,
-            received_tx,
-            poller_stop.clone(),
-            Backoff::new(
-                Config::ms(cfg.reconnect_backoff_min_ms),
-                Config::ms(cfg.reconnect_backoff_max_ms),
-            ),
-            self.status.clone(),
-        )));
+        // Dropped with this future, so that a consumer killed mid-batch (its task
+        // aborted) also drops its connection, as a killed process would.
+        let mut link = Link::start(
+            cfg,
+            LinkOptions {
+                client_id,
+                role: "consumer",
+                clean_session: false,
+                manual_acks: true,
+                request_capacity: 4 * RECEIVE_QUEUE_MAX,
+                filters,
+            },
+            self.status.link.clone(),
+        )?;
+        let client = link.client.clone();
 
         let mut p = Processor {
             consumer: &self,
@@ -419,24 +413,36 @@ impl Consumer {
             t.set_missed_tick_behavior(MissedTickBehavior::Delay);
         }
         let mut batch = Vec::with_capacity(cfg.consumer_batch_max);
+        let mut conn_log = LogLimiter::new(Duration::from_secs(60));
         loop {
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
-                first = received.recv() => {
+                first = link.events.recv() => {
                     let Some(first) = first else { break };
                     let mut next = Some(first);
                     while let Some(item) = next.take() {
                         match item {
-                            Received::Connected => p.report_positions(),
-                            Received::Message(m) if topics.parse_heads(&m.topic).is_some() => p.on_heads(&m).await,
-                            Received::Message(m) => {
+                            Polled::Event(Event::Incoming(Packet::ConnAck(ack))) => {
+                                tracing::info!(session_present = ack.session_present, "consumer connected to broker");
+                                self.status.connected.store(true, Ordering::Relaxed);
+                                p.report_positions();
+                            }
+                            Polled::Event(Event::Incoming(Packet::Publish(m))) if topics.parse_heads(&m.topic).is_some() => p.on_heads(&m).await,
+                            Polled::Event(Event::Incoming(Packet::Publish(m))) => {
                                 self.status.received.fetch_add(1, Ordering::Relaxed);
                                 batch.push(m)
                             }
+                            Polled::Event(_) => {}
+                            Polled::Lost { why, .. } => {
+                                self.status.connected.store(false, Ordering::Relaxed);
+                                if let Some(suppressed) = conn_log.allow() {
+                                    tracing::warn!(error = %why, suppressed, "consumer: broker connection failed; reconnecting");
+                                }
+                            }
                         }
                         if batch.len() < cfg.consumer_batch_max {
-                            next = received.try_recv().ok();
+                            next = link.events.try_recv().ok();
                         }
                     }
                     if !batch.is_empty() && !p.process(&mut batch, &cancel).await {
@@ -477,32 +483,17 @@ impl Consumer {
         // keeps the poller, which sends the acks, from waiting on this task.
         let deadline = tokio::time::Instant::now() + DISCONNECT_TIMEOUT;
         while !p.unacked.is_empty() && tokio::time::Instant::now() < deadline {
-            while received.try_recv().is_ok() {}
+            while link.events.try_recv().is_ok() {}
             p.flush_acks();
             sleep(ACK_RETRY).await;
         }
-        // The poller sends the queued acks, then the DISCONNECT, and returns. When the
-        // broker is unreachable there is nothing to send: stop it after a moment.
-        let _ = client.try_disconnect();
-        if tokio::time::timeout(DISCONNECT_TIMEOUT, &mut poller.0)
-            .await
-            .is_err()
-        {
-            poller_stop.cancel();
-            let _ = (&mut poller.0).await;
-        }
+        // The link sends the queued acks, then the DISCONNECT. When the broker is
+        // unreachable there is nothing to send: it is stopped after a moment.
+        drop(p);
+        link.disconnect(DISCONNECT_TIMEOUT).await;
         self.status.connected.store(false, Ordering::Relaxed);
         tracing::info!("consumer stopped");
         Ok(())
-    }
-}
-
-/// Aborts the task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
@@ -1057,80 +1048,4 @@ fn send_replay_request(
         .replays_requested
         .fetch_add(1, Ordering::Relaxed);
     Ok(())
-}
-
-/// The poller task: drives the event loop, forwards messages, resubscribes.
-async fn poll(
-    mut eventloop: EventLoop,
-    client: AsyncClient,
-    filters: Vec<SubscribeFilter>,
-    received: mpsc::Sender<Received>,
-    stop: CancellationToken,
-    mut backoff: Backoff,
-    status: Arc<ConsumerStatus>,
-) {
-    let mut log = LogLimiter::new(Duration::from_secs(60));
-    let mut connections = Connections::default();
-    let mut flap_log = LogLimiter::new(Duration::from_secs(60));
-    let client_id = eventloop.mqtt_options.client_id();
-    loop {
-        let event = tokio::select! {
-            _ = stop.cancelled() => return,
-            event = eventloop.poll() => event,
-        };
-        match event {
-            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                tracing::info!(
-                    session_present = ack.session_present,
-                    "consumer connected to broker"
-                );
-                status.connected.store(true, Ordering::Relaxed);
-                connections.connected();
-                log.reset();
-                // Always subscribe: a broker that lost the session lost the
-                // subscriptions, and the set of streams may have changed since.
-                if let Err(e) = client.try_subscribe_many(filters.clone()) {
-                    tracing::warn!(error = %e, "consumer could not queue its subscriptions");
-                }
-                if received.send(Received::Connected).await.is_err() {
-                    return;
-                }
-            }
-            Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                if ack
-                    .return_codes
-                    .iter()
-                    .any(|c| matches!(c, SubscribeReasonCode::Failure))
-                {
-                    tracing::error!(codes = ?ack.return_codes, "the broker refused a subscription (check its ACLs)");
-                }
-            }
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                if received.send(Received::Message(p)).await.is_err() {
-                    return;
-                }
-            }
-            Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
-            Ok(_) => {}
-            Err(e) => {
-                status.connected.store(false, Ordering::Relaxed);
-                if let Some(n) = connections.lost(&mut backoff) {
-                    if let Some(suppressed) = flap_log.allow() {
-                        tracing::error!(
-                            suppressed,
-                            "consumer: {}",
-                            short_connections_hint(&client_id, n)
-                        );
-                    }
-                }
-                if let Some(suppressed) = log.allow() {
-                    tracing::warn!(error = %e, suppressed, "consumer: broker connection failed; reconnecting");
-                }
-                tokio::select! {
-                    _ = sleep(backoff.next_delay()) => {}
-                    _ = stop.cancelled() => return,
-                }
-            }
-        }
-    }
 }

@@ -36,10 +36,11 @@ impl Correlator {
         self.queued.pop_back();
     }
 
-    /// rumqttc wrote a publish with `pkid` to the socket.
-    pub fn on_outgoing_publish(&mut self, pkid: u16) {
+    /// rumqttc wrote a publish with `pkid` to the socket. False when nothing was
+    /// queued for it: the correlation is broken (logged).
+    pub fn on_outgoing_publish(&mut self, pkid: u16) -> bool {
         if self.inflight.contains_key(&pkid) {
-            return; // a retransmission of a publish already mapped
+            return true; // a retransmission of a publish already mapped
         }
         match self.queued.pop_front() {
             // QoS0 (pkid 0) gets no PUBACK; nothing to wait for.
@@ -47,8 +48,12 @@ impl Correlator {
             Some(tag) => {
                 self.inflight.insert(pkid, tag);
             }
-            None => tracing::warn!(pkid, "outgoing publish that the relay did not queue"),
+            None => {
+                tracing::warn!(pkid, "outgoing publish that the relay did not queue");
+                return false;
+            }
         }
+        true
     }
 
     /// The broker acknowledged `pkid`: returns what it carried, or `None` for a pkid

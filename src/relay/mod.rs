@@ -37,17 +37,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, Outgoing, Packet, QoS};
+
+use crate::mqtt::{Link, LinkOptions, LinkStatus, Note, Polled};
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::mpsc;
-use tokio::time::{interval, sleep, sleep_until, Instant, MissedTickBehavior};
+use tokio::time::{interval, sleep_until, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError};
 use crate::outbox::{self, PendingRow};
 use crate::protocol::{self, HeadAnnouncement, PositionReport, ReplayRequest, Topics};
-use crate::retry::{
-    short_connections_hint, truncated, Backoff, Connections, LogLimiter, LOG_DETAIL_MAX_CHARS,
-};
+use crate::retry::{truncated, LogLimiter, LOG_DETAIL_MAX_CHARS};
 use crate::storage::{Database, DbError};
 
 /// Rows deleted per retention transaction at most, so that retention never holds the
@@ -122,6 +122,8 @@ pub struct RelayStatus {
     connect_refused: AtomicBool,
     epoch: Note,
     epoch_changes: AtomicU64,
+    unmatched_publishes: AtomicU64,
+    link: Arc<LinkStatus>,
 }
 
 impl RelayStatus {
@@ -158,6 +160,15 @@ impl RelayStatus {
     pub fn connect_refused(&self) -> bool {
         self.connect_refused.load(Ordering::Relaxed)
     }
+    /// Publishes that rumqttc reported writing but that the relay had not handed it:
+    /// always 0 unless the PUBACK correlation is broken (each one is also logged).
+    pub fn unmatched_publishes(&self) -> u64 {
+        self.unmatched_publishes.load(Ordering::Relaxed)
+    }
+    /// The broker connection: the address in use, refused subscriptions, failovers.
+    pub fn link(&self) -> &LinkStatus {
+        &self.link
+    }
     /// The epoch of the last head announcement, once one was built.
     pub fn epoch(&self) -> Option<String> {
         self.epoch.get()
@@ -166,20 +177,6 @@ impl RelayStatus {
     /// rewound (see [`outbox::start_new_epoch`]).
     pub fn epoch_changes(&self) -> u64 {
         self.epoch_changes.load(Ordering::Relaxed)
-    }
-}
-
-/// A status text that the relay task sets and status pages read.
-#[derive(Debug, Default)]
-struct Note(Mutex<Option<String>>);
-
-impl Note {
-    fn get(&self) -> Option<String> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    fn set(&self, text: Option<String>) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = text;
     }
 }
 
@@ -360,22 +357,6 @@ impl State {
     }
 }
 
-/// A connection error with its causes, e.g. "TLS: invalid peer certificate:
-/// UnknownIssuer": rumqttc's own message names only the outermost layer.
-fn connection_error_text(e: &rumqttc::ConnectionError) -> String {
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        let s_text = s.to_string();
-        if !text.contains(&s_text) {
-            text.push_str(": ");
-            text.push_str(&s_text);
-        }
-        source = s.source();
-    }
-    text
-}
-
 /// Awaits the future in `slot`, or never when there is none.
 async fn maybe<T>(slot: &mut Option<BoxFuture<T>>) -> T {
     match slot {
@@ -425,14 +406,30 @@ impl Relay {
         let window = usize::from(cfg.relay_inflight_max);
         let source = cfg.source.as_str();
         let client_id = format!("{}-relay", cfg.client_id);
-        let (client, mut eventloop) =
-            crate::mqtt::client(cfg, client_id.clone(), true, false, window * 2 + 16)?;
         let replay_filter = self.topics.replay_all(source);
         let replay_prefix = replay_filter.trim_end_matches('+').to_owned();
         let positions_filter = self.topics.positions_all(source);
         let positions_prefix = positions_filter.trim_end_matches('+').to_owned();
         let heads_topic = self.topics.heads(source);
         let probe_topic = self.topics.probe(source);
+        let filters = vec![
+            rumqttc::SubscribeFilter::new(replay_filter.clone(), QoS::AtLeastOnce),
+            rumqttc::SubscribeFilter::new(positions_filter.clone(), QoS::AtLeastOnce),
+            rumqttc::SubscribeFilter::new(probe_topic.clone(), QoS::AtMostOnce),
+        ];
+        let mut link = Link::start(
+            cfg,
+            LinkOptions {
+                client_id: client_id.clone(),
+                role: "relay",
+                clean_session: true,
+                manual_acks: false,
+                request_capacity: window * 2 + 16,
+                filters,
+            },
+            self.status.link.clone(),
+        )?;
+        let client = link.client.clone();
         let mut probe = Probe::new(
             Config::ms(cfg.relay_heads_interval_ms.saturating_mul(2)).max(PROBE_TIMEOUT_MIN),
         );
@@ -464,13 +461,7 @@ impl Relay {
         ] {
             t.set_missed_tick_behavior(MissedTickBehavior::Delay);
         }
-        let mut backoff = Backoff::new(
-            Config::ms(cfg.reconnect_backoff_min_ms),
-            Config::ms(cfg.reconnect_backoff_max_ms),
-        );
         let mut conn_log = LogLimiter::new(Duration::from_secs(60));
-        let mut connections = Connections::default();
-        let mut flap_log = LogLimiter::new(Duration::from_secs(60));
         let mut db_log = LogLimiter::new(Duration::from_secs(60));
         let mut drain_deadline: Option<Instant> = None;
 
@@ -525,33 +516,29 @@ impl Relay {
                     drain_deadline = Some(Instant::now() + Config::ms(cfg.shutdown_timeout_ms));
                 }
                 _ = sleep_until(drain_deadline.unwrap_or_else(Instant::now)), if drain_deadline.is_some() => {}
-                event = eventloop.poll() => match event {
-                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                polled = link.events.recv() => match polled {
+                    None => break, // the link task ended: cannot happen before shutdown
+                    Some(Polled::Event(Event::Incoming(Packet::ConnAck(ack)))) => {
                         tracing::info!(session_present = ack.session_present, "relay connected to broker");
                         st.connected = true;
                         self.status.connected.store(true, Ordering::Relaxed);
                         self.status.connection_error.set(None);
                         self.status.connect_refused.store(false, Ordering::Relaxed);
-                        connections.connected();
                         conn_log.reset();
                         st.rewind();
                         heads_tick.reset_immediately();
-                        let subs = [
-                            rumqttc::SubscribeFilter::new(replay_filter.clone(), QoS::AtLeastOnce),
-                            rumqttc::SubscribeFilter::new(positions_filter.clone(), QoS::AtLeastOnce),
-                            rumqttc::SubscribeFilter::new(probe_topic.clone(), QoS::AtMostOnce),
-                        ];
-                        if let Err(e) = client.try_subscribe_many(subs) {
-                            tracing::warn!(error = %e, "relay could not subscribe to replay requests");
+                    }
+                    Some(Polled::Event(Event::Outgoing(Outgoing::Publish(pkid)))) => {
+                        if !st.correlator.on_outgoing_publish(pkid) {
+                            self.status.unmatched_publishes.fetch_add(1, Ordering::Relaxed);
                         }
                     }
-                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => st.correlator.on_outgoing_publish(pkid),
-                    Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                    Some(Polled::Event(Event::Incoming(Packet::PubAck(ack)))) => {
                         if let Some(Some(row)) = st.correlator.on_puback(ack.pkid) {
                             st.acked.push(row);
                         }
                     }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                    Some(Polled::Event(Event::Incoming(Packet::Publish(p)))) => {
                         if p.topic == probe_topic {
                             if probe.on_echo(&p.payload) {
                                 tracing::info!(topic = %probe_topic, "relay: the broker delivers this service's publishes again");
@@ -564,36 +551,18 @@ impl Relay {
                             self.on_position_report(consumer, p.retain, &p.payload, &mut st);
                         }
                     }
-                    Ok(_) => {}
-                    Err(e) => {
+                    Some(Polled::Event(_)) => {}
+                    Some(Polled::Lost { why, refused }) => {
                         let was_connected = st.connected;
                         let again = st.connection_lost();
                         self.status.publish_retries.fetch_add(again, Ordering::Relaxed);
                         probe.connection_lost();
                         self.status.connected.store(false, Ordering::Relaxed);
-                        let mut why = connection_error_text(&e);
-                        if let Some(n) = connections.lost(&mut backoff) {
-                            let hint = short_connections_hint(&client_id, n);
-                            if let Some(suppressed) = flap_log.allow() {
-                                tracing::error!(suppressed, "relay: {hint}");
-                            }
-                            why = format!("{why}; {hint}");
-                        }
-                        let refused = matches!(e, rumqttc::ConnectionError::ConnectionRefused(_));
                         self.status.connect_refused.store(refused, Ordering::Relaxed);
-                        self.status.connection_error.set(Some(why.clone()));
                         if let Some(suppressed) = conn_log.allow() {
                             tracing::warn!(error = %why, was_connected, suppressed, "relay: broker connection failed; rows stay pending and are re-published after reconnecting");
                         }
-                        let delay = backoff.next_delay();
-                        tokio::select! {
-                            _ = sleep(delay) => {}
-                            _ = cancel.cancelled() => {
-                                if drain_deadline.is_none() {
-                                    drain_deadline = Some(Instant::now() + Config::ms(cfg.shutdown_timeout_ms));
-                                }
-                            }
-                        }
+                        self.status.connection_error.set(Some(why));
                     }
                 },
                 (generations, limit, rows) = maybe(&mut fetch) => {
@@ -790,15 +759,7 @@ impl Relay {
 
         self.status.connected.store(false, Ordering::Relaxed);
         if st.connected {
-            let _ = client.try_disconnect();
-            let _ = tokio::time::timeout(DISCONNECT_TIMEOUT, async {
-                while let Ok(event) = eventloop.poll().await {
-                    if matches!(event, Event::Outgoing(Outgoing::Disconnect)) {
-                        break;
-                    }
-                }
-            })
-            .await;
+            link.disconnect(DISCONNECT_TIMEOUT).await;
         }
         tracing::info!("relay stopped");
         Ok(())
