@@ -71,6 +71,7 @@ pub struct LinkStatus {
     broker: Note,
     subscription_refused: Note,
     failovers: AtomicU64,
+    connections: AtomicU64,
     connected: AtomicBool,
 }
 
@@ -88,15 +89,54 @@ impl LinkStatus {
     pub fn failovers(&self) -> u64 {
         self.failovers.load(Ordering::Relaxed)
     }
+    /// Connections made (CONNACKs received) since start.
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
+    }
     /// True between a CONNACK and the next connection error.
     pub fn connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
     }
 }
 
+/// Which connection the owner may hand publishes to. The link closes it (under its
+/// lock) before it drains rumqttc's request queue after a failure, and numbers each
+/// new connection; the owner learns the number from [`Polled::Connected`], in order
+/// with the events. So no publish meant for a dead connection reaches the next one,
+/// where its outgoing-publish event would be matched to another row.
+#[derive(Debug, Default)]
+pub struct Gate(Mutex<GateState>);
+
+#[derive(Debug, Default)]
+pub struct GateState {
+    connection: u64,
+    open: bool,
+}
+
+impl GateState {
+    /// True while connection number `connection` is the live one.
+    pub fn admits(&self, connection: u64) -> bool {
+        self.open && self.connection == connection
+    }
+}
+
+impl Gate {
+    /// Hold this while checking [`GateState::admits`] and handing publishes over.
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// What the link task hands to its owner, in the order the event loop produced it.
 #[derive(Debug)]
 pub enum Polled {
+    /// A new connection (its CONNACK), and its number for [`Gate`].
+    Connected {
+        /// The broker kept the session.
+        session_present: bool,
+        /// Its number: publish only while the gate admits it.
+        connection: u64,
+    },
     /// An event of the current connection.
     Event(Event),
     /// The connection (or an attempt) failed; the link waits and tries the next address.
@@ -132,6 +172,8 @@ pub struct Link {
     pub client: AsyncClient,
     /// Events and connection failures, in order.
     pub events: mpsc::Receiver<Polled>,
+    /// Which connection publishes may go to.
+    pub gate: Arc<Gate>,
     task: Option<tokio::task::JoinHandle<()>>,
     stop: CancellationToken,
 }
@@ -157,6 +199,7 @@ impl Link {
         eventloop.set_network_options(net);
         let (tx, events) = mpsc::channel(EVENTS_QUEUE_MAX);
         let stop = CancellationToken::new();
+        let gate = Arc::new(Gate::default());
         let backoff = Backoff::new(
             Config::ms(config.reconnect_backoff_min_ms),
             Config::ms(config.reconnect_backoff_max_ms),
@@ -172,11 +215,13 @@ impl Link {
             filters: opts.filters,
             status,
             backoff,
+            gate: gate.clone(),
         };
         let task = tokio::spawn(driver.run(tx, stop.clone()));
         Ok(Link {
             client,
             events,
+            gate,
             task: Some(task),
             stop,
         })
@@ -251,11 +296,8 @@ pub fn connection_error_text(e: &rumqttc::ConnectionError) -> String {
 /// (handled here) and outgoing acks would only fill the queue.
 fn wanted(item: &Polled) -> bool {
     match item {
-        Polled::Lost { .. } => true,
-        Polled::Event(Event::Incoming(p)) => matches!(
-            p,
-            Packet::ConnAck(_) | Packet::Publish(_) | Packet::PubAck(_)
-        ),
+        Polled::Lost { .. } | Polled::Connected { .. } => true,
+        Polled::Event(Event::Incoming(p)) => matches!(p, Packet::Publish(_) | Packet::PubAck(_)),
         Polled::Event(Event::Outgoing(o)) => matches!(o, Outgoing::Publish(_)),
     }
 }
@@ -272,6 +314,7 @@ struct Driver {
     filters: Vec<SubscribeFilter>,
     status: Arc<LinkStatus>,
     backoff: Backoff,
+    gate: Arc<Gate>,
 }
 
 impl Driver {
@@ -297,7 +340,13 @@ impl Driver {
                     match &event {
                         Event::Incoming(Packet::ConnAck(_)) => {
                             connections.connected();
+                            {
+                                let mut g = self.gate.lock();
+                                g.connection += 1;
+                                g.open = true;
+                            }
                             self.status.connected.store(true, Ordering::Relaxed);
+                            self.status.connections.fetch_add(1, Ordering::Relaxed);
                             connection.fetch_add(1, Ordering::Relaxed);
                             asked.clear();
                             sub_backoff.reset();
@@ -372,7 +421,13 @@ impl Driver {
                         let _ = tx.try_send(Polled::Event(event));
                         return;
                     }
-                    Polled::Event(event)
+                    match event {
+                        Event::Incoming(Packet::ConnAck(ack)) => Polled::Connected {
+                            session_present: ack.session_present,
+                            connection: self.gate.lock().connection,
+                        },
+                        event => Polled::Event(event),
+                    }
                 }
                 Err(e) => {
                     self.status.connected.store(false, Ordering::Relaxed);
@@ -429,12 +484,19 @@ impl Driver {
     }
 
     /// rumqttc keeps, after an error, the events it had made for the dead connection
-    /// (returned by the next `poll`, after the next CONNACK) and, for a clean session,
-    /// the publishes it would send again (which only a resumed session wants). The
-    /// owner has already reset what it waited for: PUBACKs and outgoing-publish events
-    /// of the dead connection would resolve the wrong publishes of the new one. Messages
-    /// received before the error are kept: they were read, and are still to be applied.
+    /// (returned by the next `poll`, after the next CONNACK), the requests queued for
+    /// it and, for a clean session, the publishes it would send again (which only a
+    /// resumed session wants). The owner resets what it waited for when it reads
+    /// [`Polled::Lost`]: PUBACKs and outgoing-publish events of the dead connection
+    /// would resolve the wrong publishes of the new one. So the gate is closed first
+    /// (no new request can be meant for the dead connection), then the queue drained.
+    /// Messages received before the error are kept: they were read, and are still to
+    /// be applied.
     fn forget_dead_connection(&mut self) {
+        self.gate.lock().open = false;
+        // Moves the request queue into `pending` (dropping acks, which a resumed
+        // session's redelivery replaces); the connection is gone already.
+        self.eventloop.clean();
         self.eventloop
             .state
             .events

@@ -423,8 +423,8 @@ impl Consumer {
                     let mut next = Some(first);
                     while let Some(item) = next.take() {
                         match item {
-                            Polled::Event(Event::Incoming(Packet::ConnAck(ack))) => {
-                                tracing::info!(session_present = ack.session_present, "consumer connected to broker");
+                            Polled::Connected { session_present, .. } => {
+                                tracing::info!(session_present, broker = ?self.status.link.broker(), "consumer connected to broker");
                                 self.status.connected.store(true, Ordering::Relaxed);
                                 p.report_positions();
                             }

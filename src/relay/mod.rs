@@ -38,7 +38,7 @@ use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, Outgoing, Packet, QoS};
 
-use crate::mqtt::{Link, LinkOptions, LinkStatus, Note, Polled};
+use crate::mqtt::{Gate, Link, LinkOptions, LinkStatus, Note, Polled};
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::mpsc;
 use tokio::time::{interval, sleep_until, Instant, MissedTickBehavior};
@@ -238,6 +238,8 @@ struct State {
     /// (found by `make power-cut`: replayed rows were stranded until the next rewind).
     rewinds: u64,
     connected: bool,
+    /// The number of the connection this state counts publishes for ([`Gate`]).
+    connection: u64,
     last_data_version: Option<i64>,
     last_replay: HashMap<String, Instant>,
     /// Streams whose replay reset is still being written, and from which sequence: a
@@ -270,6 +272,7 @@ impl State {
             wake_gen: 0,
             rewinds: 0,
             connected: false,
+            connection: 0,
             last_data_version: None,
             last_replay: HashMap::new(),
             replaying: HashMap::new(),
@@ -467,7 +470,7 @@ impl Relay {
 
         loop {
             if st.connected && drain_deadline.is_none() {
-                self.publish_buffered(&client, &mut st, window);
+                self.publish_buffered(&client, &link.gate, &mut st, window);
             }
             if drain_deadline.is_none()
                 && st.connected
@@ -518,9 +521,10 @@ impl Relay {
                 _ = sleep_until(drain_deadline.unwrap_or_else(Instant::now)), if drain_deadline.is_some() => {}
                 polled = link.events.recv() => match polled {
                     None => break, // the link task ended: cannot happen before shutdown
-                    Some(Polled::Event(Event::Incoming(Packet::ConnAck(ack)))) => {
-                        tracing::info!(session_present = ack.session_present, "relay connected to broker");
+                    Some(Polled::Connected { session_present, connection }) => {
+                        tracing::info!(session_present, broker = ?self.status.link.broker(), "relay connected to broker");
                         st.connected = true;
+                        st.connection = connection;
                         self.status.connected.store(true, Ordering::Relaxed);
                         self.status.connection_error.set(None);
                         self.status.connect_refused.store(false, Ordering::Relaxed);
@@ -628,9 +632,7 @@ impl Relay {
                         self.status.publish_refused.set(Some(why));
                     }
                     if let Some(payload) = tick.send {
-                        st.correlator.queued(None);
-                        if client.try_publish(probe_topic.clone(), QoS::AtLeastOnce, false, payload).is_err() {
-                            st.correlator.unqueue_last();
+                        if !control_publish(&client, &link.gate, &mut st, &probe_topic, false, payload) {
                             probe.connection_lost(); // never sent: nothing to wait for
                         }
                     }
@@ -691,10 +693,7 @@ impl Relay {
                         }
                         if st.connected && !msg.streams.is_empty() {
                             let payload = serde_json::to_vec(&msg).expect("head announcements serialise");
-                            st.correlator.queued(None);
-                            if client.try_publish(heads_topic.clone(), QoS::AtLeastOnce, true, payload).is_err() {
-                                st.correlator.unqueue_last();
-                            }
+                            control_publish(&client, &link.gate, &mut st, &heads_topic, true, payload);
                         }
                     }
                     Side::Replayed { stream, from_seq, result: Ok(rows) } => {
@@ -767,7 +766,11 @@ impl Relay {
 
     /// Hands buffered rows to rumqttc while fewer than `window` await their PUBACK.
     /// A row rumqttc refuses (its queue is full) goes back to the buffer's front.
-    fn publish_buffered(&self, client: &AsyncClient, st: &mut State, window: usize) {
+    fn publish_buffered(&self, client: &AsyncClient, gate: &Gate, st: &mut State, window: usize) {
+        let gate = gate.lock();
+        if !gate.admits(st.connection) {
+            return; // the connection died: wait for the relay to read why
+        }
         while st.correlator.len() < window {
             let Some(row) = st
                 .buffer
@@ -948,6 +951,31 @@ impl Relay {
         st.reports
             .insert(consumer.to_owned(), (report, !retained, size));
     }
+}
+
+/// Hands a control message (a probe, a head announcement) to rumqttc, QoS1, while the
+/// gate admits the relay's connection. False when it was not sent.
+fn control_publish(
+    client: &AsyncClient,
+    gate: &Gate,
+    st: &mut State,
+    topic: &str,
+    retain: bool,
+    payload: Vec<u8>,
+) -> bool {
+    let gate = gate.lock();
+    if !gate.admits(st.connection) {
+        return false;
+    }
+    st.correlator.queued(None);
+    if client
+        .try_publish(topic, QoS::AtLeastOnce, retain, payload)
+        .is_err()
+    {
+        st.correlator.unqueue_last();
+        return false;
+    }
+    true
 }
 
 /// Retention, in batches of [`PRUNE_BATCH_ROWS`] so that it never holds the writer

@@ -3,6 +3,9 @@
 //! often each item's event took effect.
 #![allow(dead_code)] // each test file uses its own part of the harness
 
+pub mod nats;
+pub mod proxy;
+
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

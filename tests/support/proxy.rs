@@ -1,0 +1,128 @@
+//! A TCP proxy in front of a real broker, for faults a broker does not make on its
+//! own: a slow CONNACK, connections dropped right after CONNACK, every connection cut
+//! at a chosen moment. It counts the connections it accepted.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// What the proxy does to each new connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Forwards both ways.
+    Pass,
+    /// Holds the broker's first bytes (its CONNACK) this long.
+    SlowConnack(Duration),
+    /// Forwards the broker's first bytes (its CONNACK), then closes the connection.
+    CloseAfterConnack,
+}
+
+pub struct Proxy {
+    pub port: u16,
+    accepted: Arc<AtomicUsize>,
+    mode: Arc<Mutex<Mode>>,
+    open: Arc<Mutex<Vec<TcpStream>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    /// Listens on a free loopback port and forwards to `127.0.0.1:upstream`.
+    pub fn start(upstream: u16, mode: Mode) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        listener.set_nonblocking(true).unwrap();
+        let p = Proxy {
+            port,
+            accepted: Arc::default(),
+            mode: Arc::new(Mutex::new(mode)),
+            open: Arc::default(),
+            stop: Arc::default(),
+        };
+        let (accepted, mode, open, stop) = (
+            p.accepted.clone(),
+            p.mode.clone(),
+            p.open.clone(),
+            p.stop.clone(),
+        );
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let client = match listener.accept() {
+                    Ok((c, _)) => c,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                };
+                client.set_nonblocking(false).unwrap();
+                accepted.fetch_add(1, Ordering::Relaxed);
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue; // broker down: the client sees the connection close
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                let m = *mode.lock().unwrap();
+                open.lock().unwrap().push(client.try_clone().unwrap());
+                open.lock().unwrap().push(server.try_clone().unwrap());
+                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || pipe(client, server, Mode::Pass));
+                std::thread::spawn(move || pipe(s2, c2, m));
+            }
+        });
+        p
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::Relaxed)
+    }
+
+    pub fn set_mode(&self, mode: Mode) {
+        *self.mode.lock().unwrap() = mode;
+    }
+
+    /// Closes every connection open now, both ways (as a broker that dies would).
+    pub fn cut(&self) {
+        for s in self.open.lock().unwrap().drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.cut();
+    }
+}
+
+/// Copies `from` to `to` until either side closes, applying `mode` to the first bytes.
+fn pipe(mut from: TcpStream, mut to: TcpStream, mode: Mode) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut first = true;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if first {
+            first = false;
+            if let Mode::SlowConnack(d) = mode {
+                std::thread::sleep(d);
+            }
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        if mode == Mode::CloseAfterConnack {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Both);
+    let _ = from.shutdown(Shutdown::Both);
+}
