@@ -1,6 +1,8 @@
 //! A TCP proxy in front of a real broker, for faults a broker does not make on its
 //! own: a slow CONNACK, connections dropped right after CONNACK, every connection cut
-//! at a chosen moment. It counts the connections it accepted.
+//! at a chosen moment, a partition (bytes held both ways, nothing closed, as when a
+//! host is cut off: only the keep-alive notices). It counts the connections it
+//! accepted.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -25,6 +27,7 @@ pub struct Proxy {
     mode: Arc<Mutex<Mode>>,
     open: Arc<Mutex<Vec<TcpStream>>>,
     stop: Arc<AtomicBool>,
+    partitioned: Arc<AtomicBool>,
 }
 
 impl Proxy {
@@ -39,12 +42,14 @@ impl Proxy {
             mode: Arc::new(Mutex::new(mode)),
             open: Arc::default(),
             stop: Arc::default(),
+            partitioned: Arc::default(),
         };
-        let (accepted, mode, open, stop) = (
+        let (accepted, mode, open, stop, hole) = (
             p.accepted.clone(),
             p.mode.clone(),
             p.open.clone(),
             p.stop.clone(),
+            p.partitioned.clone(),
         );
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
@@ -66,8 +71,10 @@ impl Proxy {
                 open.lock().unwrap().push(client.try_clone().unwrap());
                 open.lock().unwrap().push(server.try_clone().unwrap());
                 let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                std::thread::spawn(move || pipe(client, server, Mode::Pass));
-                std::thread::spawn(move || pipe(s2, c2, m));
+                let hole2 = hole.clone();
+                std::thread::spawn(move || pipe(client, server, Mode::Pass, hole2));
+                let hole2 = hole.clone();
+                std::thread::spawn(move || pipe(s2, c2, m, hole2));
             }
         });
         p
@@ -86,6 +93,13 @@ impl Proxy {
         *self.mode.lock().unwrap() = mode;
     }
 
+    /// Starts (`true`) or ends (`false`) a partition: bytes are held both ways and
+    /// nothing is closed. Connections made meanwhile get no CONNACK. Held bytes of a
+    /// connection its client gave up on are dropped with it after the partition ends.
+    pub fn partition(&self, on: bool) {
+        self.partitioned.store(on, Ordering::Relaxed);
+    }
+
     /// Closes every connection open now, both ways (as a broker that dies would).
     pub fn cut(&self) {
         for s in self.open.lock().unwrap().drain(..) {
@@ -102,7 +116,7 @@ impl Drop for Proxy {
 }
 
 /// Copies `from` to `to` until either side closes, applying `mode` to the first bytes.
-fn pipe(mut from: TcpStream, mut to: TcpStream, mode: Mode) {
+fn pipe(mut from: TcpStream, mut to: TcpStream, mode: Mode, partitioned: Arc<AtomicBool>) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut first = true;
     loop {
@@ -110,6 +124,9 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, mode: Mode) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        while partitioned.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         if first {
             first = false;
             if let Mode::SlowConnack(d) = mode {
@@ -122,6 +139,9 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, mode: Mode) {
         if mode == Mode::CloseAfterConnack {
             break;
         }
+    }
+    while partitioned.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(10)); // a close does not cross it either
     }
     let _ = to.shutdown(Shutdown::Both);
     let _ = from.shutdown(Shutdown::Both);
