@@ -16,10 +16,20 @@ use support::*;
 
 /// Writes `n` items in chunks of 25, 20 ms apart (a steady load), in the background.
 fn load(pair: &Pair, prefix: &str, n: usize) -> tokio::task::JoinHandle<()> {
-    let (db, outbox, prefix) = (pair.producer.clone(), pair.outbox.clone(), prefix.to_owned());
+    let (db, outbox, prefix) = (
+        pair.producer.clone(),
+        pair.outbox.clone(),
+        prefix.to_owned(),
+    );
     tokio::spawn(async move {
         for chunk in 0..n.div_ceil(25) {
-            create_items(&db, &outbox, &format!("{prefix}-{chunk}"), 25.min(n - chunk * 25)).await;
+            create_items(
+                &db,
+                &outbox,
+                &format!("{prefix}-{chunk}"),
+                25.min(n - chunk * 25),
+            )
+            .await;
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
@@ -27,13 +37,18 @@ fn load(pair: &Pair, prefix: &str, n: usize) -> tokio::task::JoinHandle<()> {
 
 async fn all_applied(pair: &Pair, n: usize, secs: u64) {
     let path = pair.consumer_path();
-    wait_for(&format!("{n} items applied"), secs, || effects(&path).len() >= n).await;
+    wait_for(&format!("{n} items applied"), secs, || {
+        effects(&path).len() >= n
+    })
+    .await;
     assert_exactly_once_in_order(&path, n);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nats_cluster_a_killed_node_is_failed_over_under_load_and_nothing_is_lost_or_applied_twice() {
-    let test = "nats_cluster_a_killed_node_is_failed_over_under_load_and_nothing_is_lost_or_applied_twice";
+async fn nats_cluster_a_killed_node_is_failed_over_under_load_and_nothing_is_lost_or_applied_twice()
+{
+    let test =
+        "nats_cluster_a_killed_node_is_failed_over_under_load_and_nothing_is_lost_or_applied_twice";
     if !nats::available() {
         return skip(test, "nats-server (apt-get install nats-server)");
     }
@@ -42,7 +57,10 @@ async fn nats_cluster_a_killed_node_is_failed_over_under_load_and_nothing_is_los
     pair.consumer_cfg.broker_url = cluster.urls_from(1);
     let (consumer, cstatus) = pair.spawn_consumer();
     let (relay, rstatus) = spawn_relay_with_status(&pair.producer, &pair.cfg);
-    wait_for("both connected", 20, || rstatus.connected() && cstatus.connected()).await;
+    wait_for("both connected", 20, || {
+        rstatus.connected() && cstatus.connected()
+    })
+    .await;
     let node = |s: Option<String>| s.unwrap_or_default();
     assert!(node(rstatus.link().broker()).ends_with(&cluster.nodes[0].mqtt_port.to_string()));
     load(&pair, "warm", 100).await.unwrap();
@@ -100,11 +118,7 @@ async fn nats_cluster_a_service_host_partitioned_longer_than_the_keep_alive_lose
         .iter()
         .map(|n| Proxy::start(n.mqtt_port, Mode::Pass))
         .collect();
-    let through = proxies
-        .iter()
-        .map(Proxy::url)
-        .collect::<Vec<_>>()
-        .join(",");
+    let through = proxies.iter().map(Proxy::url).collect::<Vec<_>>().join(",");
     let keep_alive_s = 2;
     let mut pair = Pair::new(&cluster.urls_from(0), |c| Config {
         mqtt_keep_alive_s: keep_alive_s,
@@ -113,7 +127,10 @@ async fn nats_cluster_a_service_host_partitioned_longer_than_the_keep_alive_lose
     pair.consumer_cfg.broker_url = through;
     let (consumer, cstatus) = pair.spawn_consumer();
     let (relay, rstatus) = spawn_relay_with_status(&pair.producer, &pair.cfg);
-    wait_for("both connected", 20, || rstatus.connected() && cstatus.connected()).await;
+    wait_for("both connected", 20, || {
+        rstatus.connected() && cstatus.connected()
+    })
+    .await;
     load(&pair, "before", 100).await.unwrap();
     all_applied(&pair, 100, 30).await;
 
@@ -126,7 +143,11 @@ async fn nats_cluster_a_service_host_partitioned_longer_than_the_keep_alive_lose
     wait_for("the consumer noticed", 20, || !cstatus.connected()).await;
     tokio::time::sleep(Duration::from_secs(4 * keep_alive_s)).await;
     writes.await.unwrap();
-    assert_eq!(effects(&pair.consumer_path()).len(), 100, "nothing crossed the partition");
+    assert_eq!(
+        effects(&pair.consumer_path()).len(),
+        100,
+        "nothing crossed the partition"
+    );
     let healed = Instant::now();
     for p in &proxies {
         p.partition(false);

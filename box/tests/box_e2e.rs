@@ -12,37 +12,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
-use services::{drained, wait_until, Service};
+use services::{create_users, drained, verify, verify_with, wait_until, wait_welcomed, Service};
 use support::Broker;
-
-fn verify(dir: &Path) -> (i32, String) {
-    verify_with(dir, &[])
-}
-
-fn verify_with(dir: &Path, extra: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_edge-outbox"))
-        .args([
-            "verify",
-            "--user-db",
-            dir.join("user-service.db").to_str().unwrap(),
-        ])
-        .args([
-            "--transaction-db",
-            dir.join("transaction-service.db").to_str().unwrap(),
-        ])
-        .args(extra)
-        .env_remove("WELCOME_CREDIT_CENTS")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
 
 #[test]
 fn users_get_one_welcome_credit_balances_match_the_ledger_and_verify_passes() {
@@ -282,32 +253,6 @@ fn start_fast(name: &'static str, exe: &str, dir: &Path, broker: &Broker) -> Ser
         cmd.args(["--topic-prefix", &format!("e2e-r-{}", std::process::id())])
             .args(["--consumer-report-interval-ms", "300"]);
     })
-}
-
-/// Creates `n` users named `{prefix}-{i}`; returns their ids.
-fn create_users(users: &Service, prefix: &str, n: usize) -> Vec<String> {
-    (0..n)
-        .map(|i| {
-            let body = json!({ "name": format!("{prefix}-{i}"), "email": format!("{prefix}-{i}@example.com") });
-            let (status, user) = users.post("/users", body, None);
-            assert_eq!(status, 201, "{user}");
-            user["id"].as_str().unwrap().to_owned()
-        })
-        .collect()
-}
-
-/// Waits until each of `ids` has exactly one welcome credit in transaction-service's
-/// ledger and its balance of 1000 in user-service.
-fn wait_welcomed(users: &Service, ledger: &Service, ids: &[String]) {
-    wait_until("each new user's one welcome credit", 30, || {
-        ids.iter().all(|id| {
-            let (_, t) = ledger.get(&format!("/transactions?user_id={id}"));
-            let welcomes = t["transactions"]
-                .as_array()
-                .map_or(0, |t| t.iter().filter(|e| e["welcome"] == true).count());
-            welcomes == 1 && users.get(&format!("/users/{id}")).1["balance_cents"] == 1000
-        })
-    });
 }
 
 fn remove_database(path: &Path) {

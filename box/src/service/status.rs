@@ -126,6 +126,9 @@ pub(crate) async fn outbox_status(State(state): State<AppState>) -> Result<Json<
         "broker_connected": state.relay.connected(),
         "publish_refused": state.relay.publish_refused(),
         "broker_error": state.relay.connection_error(),
+        "broker": state.relay.link().broker(),
+        "broker_failovers": state.relay.link().failovers(),
+        "subscription_refused": state.relay.link().subscription_refused(),
         "outbox": {
             "pending": stats.pending,
             "published": stats.published,
@@ -140,6 +143,9 @@ pub(crate) async fn outbox_status(State(state): State<AppState>) -> Result<Json<
         },
         "consumer": {
             "connected": consumer.connected(),
+            "broker": consumer.link().broker(),
+            "broker_failovers": consumer.link().failovers(),
+            "subscription_refused": consumer.link().subscription_refused(),
             "received_since_start": consumer.received(),
             "applied_since_start": consumer.applied(),
             "duplicates_since_start": consumer.duplicates(),

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::support::{free_port, Broker};
 
@@ -184,4 +184,61 @@ pub fn drained(s: &Service) -> bool {
         m.values().map(|v| v["lag"].as_u64().unwrap_or(1)).sum()
     });
     st["outbox"]["pending"] == 0 && lag == 0
+}
+
+/// `edge-outbox verify` on the two databases in `dir`: its exit code and output.
+pub fn verify(dir: &Path) -> (i32, String) {
+    verify_with(dir, &[])
+}
+
+/// [`verify`] with extra arguments.
+pub fn verify_with(dir: &Path, extra: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_edge-outbox"))
+        .args([
+            "verify",
+            "--user-db",
+            dir.join("user-service.db").to_str().unwrap(),
+        ])
+        .args([
+            "--transaction-db",
+            dir.join("transaction-service.db").to_str().unwrap(),
+        ])
+        .args(extra)
+        .env_remove("WELCOME_CREDIT_CENTS")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Creates `n` users named `{prefix}-{i}`; returns their ids.
+pub fn create_users(users: &Service, prefix: &str, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let body = json!({ "name": format!("{prefix}-{i}"), "email": format!("{prefix}-{i}@example.com") });
+            let (status, user) = users.post("/users", body, None);
+            assert_eq!(status, 201, "{user}");
+            user["id"].as_str().unwrap().to_owned()
+        })
+        .collect()
+}
+
+/// Waits until each of `ids` has exactly one welcome credit in transaction-service's
+/// ledger and its balance of 1000 in user-service.
+pub fn wait_welcomed(users: &Service, ledger: &Service, ids: &[String]) {
+    wait_until("each new user's one welcome credit", 30, || {
+        ids.iter().all(|id| {
+            let (_, t) = ledger.get(&format!("/transactions?user_id={id}"));
+            let welcomes = t["transactions"]
+                .as_array()
+                .map_or(0, |t| t.iter().filter(|e| e["welcome"] == true).count());
+            welcomes == 1 && users.get(&format!("/users/{id}")).1["balance_cents"] == 1000
+        })
+    });
 }

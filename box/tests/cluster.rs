@@ -1,0 +1,52 @@
+//! The whole box over a 3-node NATS cluster (JetStream + MQTT): user-service starts
+//! on node A and transaction-service on node B, each given every node; node A is
+//! SIGKILLed under load and left down. Every user gets exactly one welcome credit and
+//! `edge-outbox verify` passes.
+#![allow(clippy::result_large_err)]
+
+mod services;
+#[path = "../../tests/support/mod.rs"]
+mod support;
+
+use services::{create_users, verify, wait_welcomed, Service};
+use support::nats::{self, Cluster};
+
+#[test]
+fn nats_cluster_both_services_run_unchanged_and_survive_the_death_of_a_node() {
+    let test = "nats_cluster_both_services_run_unchanged_and_survive_the_death_of_a_node";
+    if !nats::available() {
+        return support::skip(test, "nats-server (apt-get install nats-server)");
+    }
+    let mut cluster = Cluster::start(3, "");
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = format!("cluster-{}", std::process::id());
+    let start = |name: &'static str, exe: &str, first: usize| {
+        Service::start_with(name, exe, dir.path(), &cluster.urls_from(first), |cmd| {
+            cmd.args(["--topic-prefix", &prefix]);
+        })
+    };
+    let users = start("user-service", env!("CARGO_BIN_EXE_user-service"), 0);
+    let ledger = start(
+        "transaction-service",
+        env!("CARGO_BIN_EXE_transaction-service"),
+        1,
+    );
+    let mut ids = create_users(&users, "before", 30);
+    wait_welcomed(&users, &ledger, &ids);
+
+    // User-service's node dies while users are created; it moves to another node.
+    let first = create_users(&users, "during-a", 10);
+    cluster.kill(0);
+    ids.extend(first);
+    ids.extend(create_users(&users, "during-b", 30));
+    wait_welcomed(&users, &ledger, &ids);
+    let (_, outbox) = users.get("/outbox");
+    let relay_broker = outbox["broker"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        !relay_broker.ends_with(&format!(":{}", cluster.nodes[0].mqtt_port)),
+        "the relay left the dead node: {outbox}"
+    );
+    drop((users, ledger));
+    let (code, report) = verify(dir.path());
+    assert_eq!(code, 0, "{report}");
+}
