@@ -1,7 +1,8 @@
 //! The whole box over a 3-node NATS cluster (JetStream + MQTT): user-service starts
 //! on node A and transaction-service on node B, each given every node; node A is
 //! SIGKILLed under load and left down. Every user gets exactly one welcome credit and
-//! `edge-outbox verify` passes.
+//! `edge-outbox verify` passes. The cluster runs deploy/nats/node.conf and users.conf
+//! as shipped.
 #![allow(clippy::result_large_err)]
 
 mod services;
@@ -17,12 +18,15 @@ fn nats_cluster_both_services_run_unchanged_and_survive_the_death_of_a_node() {
     if !nats::available() {
         return support::skip(test, "nats-server (apt-get install nats-server)");
     }
-    let mut cluster = Cluster::start(3, "");
+    // deploy/nats/ as shipped: each service logs in with its own name, and may
+    // publish only on its own topics.
+    let password = "cluster-test-pw";
+    let mut cluster = Cluster::start_box(password);
     let dir = tempfile::tempdir().unwrap();
-    let prefix = format!("cluster-{}", std::process::id());
     let start = |name: &'static str, exe: &str, first: usize| {
         Service::start_with(name, exe, dir.path(), &cluster.urls_from(first), |cmd| {
-            cmd.args(["--topic-prefix", &prefix]);
+            cmd.args(["--mqtt-username", name])
+                .env("MQTT_PASSWORD", password);
         })
     };
     let users = start("user-service", env!("CARGO_BIN_EXE_user-service"), 0);
@@ -46,6 +50,37 @@ fn nats_cluster_both_services_run_unchanged_and_survive_the_death_of_a_node() {
         !relay_broker.ends_with(&format!(":{}", cluster.nodes[0].mqtt_port)),
         "the relay left the dead node: {outbox}"
     );
+    // A service may publish only on its own topics: a forgery by user-service on
+    // transaction-service's stream is refused by the cluster (and never applied).
+    let port = cluster.nodes[1].mqtt_port.to_string();
+    let forged = std::process::Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-q",
+            "1",
+            "-u",
+            "user-service",
+            "-P",
+            password,
+        ])
+        .args([
+            "-t",
+            "edge-outbox/events/transaction-service/transactions",
+            "-m",
+            "{}",
+        ])
+        .status()
+        .unwrap();
+    assert!(
+        forged.success(),
+        "NATS acknowledges a denied publish, as Mosquitto does"
+    );
+    services::wait_until("the forgery refused", 10, || {
+        cluster.log(1).contains("Publish Violation")
+    });
     drop((users, ledger));
     let (code, report) = verify(dir.path());
     assert_eq!(code, 0, "{report}");

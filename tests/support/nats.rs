@@ -16,6 +16,18 @@ fn nats_server() -> &'static str {
     }
 }
 
+/// deploy/nats/ of this repository (the tests run its files as shipped).
+pub fn deploy_dir() -> PathBuf {
+    let mut dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    while !dir.join("deploy/nats/node.conf").exists() {
+        assert!(
+            dir.pop(),
+            "deploy/nats/node.conf not found above CARGO_MANIFEST_DIR"
+        );
+    }
+    dir.join("deploy/nats")
+}
+
 /// True when nats-server is installed; tests skip loudly otherwise (CI installs it).
 pub fn available() -> bool {
     Command::new(nats_server())
@@ -28,6 +40,8 @@ pub struct Node {
     pub name: String,
     pub mqtt_port: u16,
     conf: PathBuf,
+    /// The environment deploy/nats/node.conf reads.
+    env: Vec<(String, String)>,
     log: PathBuf,
     child: Option<Child>,
 }
@@ -41,14 +55,39 @@ pub struct Cluster {
 
 impl Cluster {
     /// `n` nodes (1 or 3) with `extra` config lines in each (e.g. an `authorization`
-    /// block), started and ready for MQTT.
+    /// block), started and ready for MQTT. Three nodes run deploy/nats/node.conf, the
+    /// file shipped for deployments; one node runs without a cluster block.
     pub fn start(n: usize, extra: &str) -> Cluster {
         Cluster::start_as(n, extra, None)
+    }
+
+    /// Three nodes running deploy/nats/node.conf and users.conf as shipped: only
+    /// user-service and transaction-service may connect, each with `password`.
+    pub fn start_box(password: &str) -> Cluster {
+        let users = std::fs::read_to_string(deploy_dir().join("users.conf")).unwrap();
+        Cluster::start_with_env(
+            3,
+            &users,
+            Some(("user-service", password)),
+            &[
+                ("USER_SERVICE_MQTT_PASSWORD", password),
+                ("TRANSACTION_SERVICE_MQTT_PASSWORD", password),
+            ],
+        )
     }
 
     /// [`Cluster::start`] for a config whose `authorization` requires a login: the
     /// readiness check logs in as `login` (username, password).
     pub fn start_as(n: usize, extra: &str, login: Option<(&str, &str)>) -> Cluster {
+        Cluster::start_with_env(n, extra, login, &[])
+    }
+
+    fn start_with_env(
+        n: usize,
+        extra: &str,
+        login: Option<(&str, &str)>,
+        env: &[(&str, &str)],
+    ) -> Cluster {
         assert!(
             available(),
             "nats-server is not installed: run `apt-get install -y nats-server` (.ci/run does)"
@@ -65,31 +104,44 @@ impl Cluster {
         for (i, (client, route, mqtt)) in ports.iter().enumerate() {
             let name = format!("n{}", i + 1);
             let store = dir.path().join(format!("store-{name}"));
-            let cluster = if n > 1 {
-                format!(
-                    "cluster {{ name: edge, listen: 127.0.0.1:{route}, routes: [{}] }}\n",
-                    routes.join(", ")
-                )
-            } else {
-                String::new()
-            };
-            let replicas = if n >= 3 { 3 } else { 1 };
             let conf = dir.path().join(format!("{name}.conf"));
-            std::fs::write(
-                &conf,
+            let mut vars: Vec<(String, String)> = env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            let body = if n == 3 {
+                let node = deploy_dir().join("node.conf");
+                for (k, v) in [
+                    ("NATS_NAME", name.clone()),
+                    ("NATS_CLIENT_LISTEN", format!("127.0.0.1:{client}")),
+                    ("NATS_MQTT_LISTEN", format!("127.0.0.1:{mqtt}")),
+                    ("NATS_ROUTE_LISTEN", format!("127.0.0.1:{route}")),
+                    ("NATS_ROUTE_A", routes[0].clone()),
+                    ("NATS_ROUTE_B", routes[1].clone()),
+                    ("NATS_ROUTE_C", routes[2].clone()),
+                    ("NATS_STORE", store.display().to_string()),
+                ] {
+                    vars.push((k.to_owned(), v));
+                }
+                // nats-server resolves `include` relative to the including file
+                // only: the shipped text is copied instead.
+                std::fs::read_to_string(node).unwrap()
+            } else {
+                assert_eq!(n, 1, "1 or 3 nodes");
                 format!(
                     "server_name: {name}\nlisten: 127.0.0.1:{client}\n\
                      jetstream {{ store_dir: \"{}\", max_memory_store: 64MB, max_file_store: 1GB }}\n\
-                     {cluster}mqtt {{ listen: 127.0.0.1:{mqtt}, stream_replicas: {replicas} }}\n#extra\n{extra}\n",
+                     mqtt {{ listen: 127.0.0.1:{mqtt} }}\n",
                     store.display()
-                ),
-            )
-            .unwrap();
+                )
+            };
+            std::fs::write(&conf, format!("{body}#extra\n{extra}\n")).unwrap();
             nodes.push(Node {
                 log: dir.path().join(format!("{name}.log")),
                 name,
                 mqtt_port: *mqtt,
                 conf,
+                env: vars,
                 child: None,
             });
         }
@@ -130,6 +182,7 @@ impl Cluster {
         let child = Command::new(nats_server())
             .arg("-c")
             .arg(&node.conf)
+            .envs(node.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -154,18 +207,10 @@ impl Cluster {
             }
             let mut check = Command::new("mosquitto_pub");
             check
-                .args([
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &port,
-                    "-q",
-                    "1",
-                    "-t",
-                    "ready/check",
-                    "-m",
-                    "x",
-                ])
+                // A topic every config lets user-service publish on, and that no
+                // consumer reads (`_ready` is not a stream name).
+                .args(["-h", "127.0.0.1", "-p", &port, "-q", "1", "-m", "x"])
+                .args(["-t", "edge-outbox/events/user-service/_ready"])
                 .args(["-i", &format!("ready-check-{i}")]);
             if let Some((user, password)) = &self.login {
                 check.args(["-u", user, "-P", password]);
