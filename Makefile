@@ -11,7 +11,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 USERS := http://127.0.0.1:8081
 LEDGER := http://127.0.0.1:8082
 
-.PHONY: help deps fuzz-deps prometheus-deps pi-deps pi size check-alerts build dist install install-files run-all watch demo demo-offline power-cut bench verify test test-docs check-deps clean
+.PHONY: help deps fuzz-deps prometheus-deps nats-deps pi-deps pi size check-alerts build dist install install-files run-all watch demo demo-offline cluster-demo power-cut bench verify test test-docs check-deps clean
 
 # mosquitto_sub as the read-only observer that run-all creates. Its password goes
 # through a mosquitto_sub config file ($$XDG_CONFIG_HOME/mosquitto_sub, mode 0600),
@@ -51,6 +51,7 @@ help:
 	@echo "make watch    print every event on the broker (needs run-all in another terminal)"
 	@echo "make demo     create a user and follow its events step by step (needs run-all)"
 	@echo "make demo-offline  a box of its own keeps working with its broker stopped, then drains"
+	@echo "make cluster-demo  both services over a 3-node NATS cluster: a node dies, a host is cut off (root for namespaces)"
 	@echo "make power-cut  CYCLES=20 power cuts under load (root, loop devices), then check; MODE=kill kills one component at a time"
 	@echo "make bench    throughput and latency against the disk and the broker (quick; BENCH=full for longer)"
 	@echo "make verify   check the cross-service invariants of ./data (after the box drained)"
@@ -73,6 +74,14 @@ prometheus-deps:
 		echo "installing prometheus"; \
 		export DEBIAN_FRONTEND=noninteractive; \
 		$(SUDO) apt-get install -y --no-install-recommends prometheus || { $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends prometheus; }; \
+	fi
+
+# nats-server (Debian's package), for the NATS cluster tests and make cluster-demo.
+nats-deps:
+	@if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then \
+		echo "installing nats-server"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		$(SUDO) apt-get install -y --no-install-recommends nats-server || { $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends nats-server; }; \
 	fi
 
 # The aarch64 cross toolchain from Debian's archive (~260 MB), when missing. rustc-web
@@ -166,6 +175,11 @@ run-all: deps build
 demo-offline: deps build
 	@PATH="$$PATH:/usr/sbin" "$(BIN)/edge-outbox" demo-offline
 
+# A 3-node NATS cluster of its own (data in data/cluster-demo); as root, each service
+# on a network namespace of its own. Installs nats-server with apt-get when missing.
+cluster-demo: deps build nats-deps
+	@PATH="$$PATH:/usr/sbin" "$(BIN)/edge-outbox" cluster-demo
+
 # Needs root and loop devices for MODE=power (it says SKIPPED otherwise).
 power-cut: deps build
 	@PATH="$$PATH:/usr/sbin:/sbin" "$(BIN)/edge-outbox" power-cut --cycles $(CYCLES) --mode $(MODE)
@@ -215,7 +229,7 @@ demo:
 # examples/embed.rs, which tests/example.rs runs against a real Mosquitto.
 # PI=0 leaves the Raspberry Pi build out (its test says SKIPPED); CI builds it.
 PI ?= 1
-test: deps fuzz-deps prometheus-deps $(if $(filter 0,$(PI)),,pi)
+test: deps fuzz-deps prometheus-deps nats-deps $(if $(filter 0,$(PI)),,pi)
 	@export SCHEMATHESIS="$$(realpath "$(FUZZ_VENV)/bin/st")"; \
 	if [ "$(PI)" != 0 ]; then export PI_BIN="$$(realpath '$(PI_BIN)')"; fi; \
 	if $(CARGO) nextest --version >/dev/null 2>&1; then \

@@ -577,19 +577,44 @@ fn parse_broker(url: &str) -> Result<BrokerAddr, ConfigError> {
     if rest.contains('@') {
         return Err(bad("broker", "credentials in the URL are not supported"));
     }
-    let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) => {
-            let port = p
-                .parse::<u16>()
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| bad("broker", format!("{url:?}: port {p:?} is not 1-65535")))?;
-            (h, port)
+    // An IPv6 address is bracketed, [::1]:1883, so that its colons are not a port.
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        let (h, after) = v6.split_once(']').ok_or_else(|| {
+            bad(
+                "broker",
+                format!("{url:?}: an IPv6 address needs its closing ']'"),
+            )
+        })?;
+        if h.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(bad(
+                "broker",
+                format!("{url:?}: {h:?} is not an IPv6 address"),
+            ));
         }
-        None => (rest, default_port),
+        match after {
+            "" => (h, None),
+            _ => match after.strip_prefix(':') {
+                Some(p) => (h, Some(p)),
+                None => return Err(bad("broker", format!("{url:?}: malformed after ']'"))),
+            },
+        }
+    } else {
+        match rest.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (rest, None),
+        }
     };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.is_empty() || host.contains('/') {
+    let port = match port {
+        Some(p) => p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| {
+            bad(
+                "broker",
+                format!("{url:?}: port {p:?} is not 1-65535 (an IPv6 address goes in brackets: [::1]:1883)"),
+            )
+        })?,
+        None => default_port,
+    };
+    let hostname_char = |c: char| c.is_ascii_alphanumeric() || "-._:".contains(c);
+    if host.is_empty() || !host.chars().all(hostname_char) {
         return Err(bad("broker", format!("{url:?}: missing or malformed host")));
     }
     Ok(BrokerAddr {
@@ -753,6 +778,12 @@ mod tests {
         );
         c.broker_url = "mqtt://10.0.0.1".into();
         assert_eq!(c.broker().unwrap().port, 1883);
+        c.broker_url = "mqtt://[::1]".into();
+        let b = c.broker().unwrap();
+        assert_eq!((b.host.as_str(), b.port), ("::1", 1883));
+        c.broker_url = "mqtts://[fe80::1]:8884".into();
+        let b = c.broker().unwrap();
+        assert_eq!((b.host.as_str(), b.port), ("fe80::1", 8884));
         for bad_url in [
             "http://x:1",
             "mqtt://:1883",
@@ -760,6 +791,11 @@ mod tests {
             "mqtt://h:99999",
             "mqtts://h:0",
             "mqtt://u:p@h:1",
+            "mqtt://fe80::1",
+            "mqtt://[::1",
+            "mqtt://[nothost]:1",
+            "mqtt://a b:1",
+            "mqtt://[::1]x",
         ] {
             c.broker_url = bad_url.into();
             let e = c.validate().unwrap_err();

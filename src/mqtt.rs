@@ -302,6 +302,83 @@ fn wanted(item: &Polled) -> bool {
     }
 }
 
+/// Subscriptions asked for and not yet answered, and the one retry that may be
+/// waiting: a broker that refuses again and again (or sends SUBACKs nobody asked for)
+/// costs one timer, never a task per refusal.
+#[derive(Default)]
+struct Subscriptions {
+    /// Filters of SUBSCRIBE packets queued and not yet answered, oldest first.
+    asked: std::collections::VecDeque<Vec<SubscribeFilter>>,
+    /// Filters to ask for again when the retry's timer fires (a task waits for it).
+    retry: Option<Vec<SubscribeFilter>>,
+}
+
+fn lock(subs: &Mutex<Subscriptions>) -> std::sync::MutexGuard<'_, Subscriptions> {
+    subs.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Subscriptions {
+    /// A new connection: nothing asked on the old one will be answered.
+    fn clear(&mut self) {
+        self.asked.clear();
+        self.retry = None;
+    }
+
+    /// Queues a SUBSCRIBE for `filters`; false when rumqttc's queue is full.
+    fn ask(
+        subs: &Mutex<Subscriptions>,
+        client: &AsyncClient,
+        filters: Vec<SubscribeFilter>,
+    ) -> bool {
+        let mut s = lock(subs);
+        if client.try_subscribe_many(filters.clone()).is_err() {
+            return false;
+        }
+        s.asked.push_back(filters);
+        true
+    }
+
+    /// Asks for `filters` again after `delay`, with any others already waiting, on
+    /// the connection current now (none if it is replaced meanwhile).
+    fn retry(
+        subs: &Arc<Mutex<Subscriptions>>,
+        client: &AsyncClient,
+        filters: Vec<SubscribeFilter>,
+        delay: Duration,
+        connection: &Arc<AtomicU64>,
+    ) {
+        {
+            let mut s = lock(subs);
+            if let Some(waiting) = s.retry.as_mut() {
+                for f in filters {
+                    if !waiting.iter().any(|w| w.path == f.path) {
+                        waiting.push(f);
+                    }
+                }
+                return; // its task is waiting already
+            }
+            s.retry = Some(filters);
+        }
+        let (subs, client, gen) = (subs.clone(), client.clone(), connection.clone());
+        let at = gen.load(Ordering::Relaxed);
+        tokio::spawn(async move {
+            loop {
+                sleep(delay).await;
+                if gen.load(Ordering::Relaxed) != at {
+                    return; // a new connection subscribed to everything
+                }
+                let Some(filters) = lock(&subs).retry.take() else {
+                    return;
+                };
+                if Subscriptions::ask(&subs, &client, filters.clone()) {
+                    return;
+                }
+                lock(&subs).retry = Some(filters); // queue full: wait again
+            }
+        });
+    }
+}
+
 /// The link task's state.
 struct Driver {
     eventloop: EventLoop,
@@ -323,8 +400,8 @@ impl Driver {
         let mut connections = Connections::default();
         let mut flap_log = LogLimiter::new(Duration::from_secs(60));
         let mut sub_log = LogLimiter::new(Duration::from_secs(60));
-        // Filters asked for in SUBSCRIBE packets not yet answered, oldest first.
-        let mut asked: std::collections::VecDeque<Vec<SubscribeFilter>> = Default::default();
+        let mut grant_log = LogLimiter::new(Duration::from_secs(60));
+        let subs = Arc::new(Mutex::new(Subscriptions::default()));
         let mut sub_backoff = Backoff::new(SUBSCRIBE_RETRY_MIN, SUBSCRIBE_RETRY_MAX);
         // Bumped at every CONNACK, so that a retry timed for an earlier connection
         // (whose CONNACK subscribed to everything again) does nothing.
@@ -348,21 +425,30 @@ impl Driver {
                             self.status.connected.store(true, Ordering::Relaxed);
                             self.status.connections.fetch_add(1, Ordering::Relaxed);
                             connection.fetch_add(1, Ordering::Relaxed);
-                            asked.clear();
+                            lock(&subs).clear();
                             sub_backoff.reset();
                             // Always subscribe: a broker that lost the session lost the
-                            // subscriptions.
-                            if !self.filters.is_empty() {
-                                match self.client.try_subscribe_many(self.filters.clone()) {
-                                    Ok(()) => asked.push_back(self.filters.clone()),
-                                    Err(e) => {
-                                        tracing::warn!(error = %e, "{}: could not queue its subscriptions", self.role)
-                                    }
-                                }
+                            // subscriptions. A full request queue: asked for again soon.
+                            if !self.filters.is_empty()
+                                && !Subscriptions::ask(&subs, &self.client, self.filters.clone())
+                            {
+                                tracing::warn!(
+                                    "{}: could not queue its subscriptions; asking again",
+                                    self.role
+                                );
+                                Subscriptions::retry(
+                                    &subs,
+                                    &self.client,
+                                    self.filters.clone(),
+                                    sub_backoff.next_delay(),
+                                    &connection,
+                                );
                             }
                         }
                         Event::Incoming(Packet::SubAck(ack)) => {
-                            let filters = asked.pop_front().unwrap_or_default();
+                            let Some(filters) = lock(&subs).asked.pop_front() else {
+                                continue; // no SUBSCRIBE waits for it: a broker's mistake
+                            };
                             let failed =
                                 |c: &SubscribeReasonCode| matches!(c, SubscribeReasonCode::Failure);
                             let refused: Vec<SubscribeFilter> =
@@ -380,10 +466,13 @@ impl Driver {
                                 };
                             if refused.is_empty() {
                                 if self.status.subscription_refused.get().is_some() {
-                                    tracing::info!(
-                                        "{}: the broker granted the subscriptions it had refused",
-                                        self.role
-                                    );
+                                    if let Some(suppressed) = grant_log.allow() {
+                                        tracing::info!(
+                                            suppressed,
+                                            "{}: the broker granted the subscriptions it had refused",
+                                            self.role
+                                        );
+                                    }
                                 }
                                 self.status.subscription_refused.set(None);
                                 sub_backoff.reset();
@@ -400,18 +489,13 @@ impl Driver {
                                     tracing::error!(suppressed, "{}: {why}", self.role);
                                 }
                                 self.status.subscription_refused.set(Some(why));
-                                asked.push_back(refused.clone());
-                                let (client, gen, at) = (
-                                    self.client.clone(),
-                                    connection.clone(),
-                                    connection.load(Ordering::Relaxed),
+                                Subscriptions::retry(
+                                    &subs,
+                                    &self.client,
+                                    refused,
+                                    delay,
+                                    &connection,
                                 );
-                                tokio::spawn(async move {
-                                    sleep(delay).await;
-                                    if gen.load(Ordering::Relaxed) == at {
-                                        let _ = client.subscribe_many(refused).await;
-                                    }
-                                });
                             }
                         }
                         _ => {}
@@ -431,7 +515,7 @@ impl Driver {
                 }
                 Err(e) => {
                     self.status.connected.store(false, Ordering::Relaxed);
-                    asked.clear();
+                    lock(&subs).clear();
                     self.forget_dead_connection();
                     let mut why = format!("{}: {}", self.address(), connection_error_text(&e));
                     if let Some(n) = connections.lost(&mut self.backoff) {
@@ -490,17 +574,27 @@ impl Driver {
     /// [`Polled::Lost`]: PUBACKs and outgoing-publish events of the dead connection
     /// would resolve the wrong publishes of the new one. So the gate is closed first
     /// (no new request can be meant for the dead connection), then the queue drained.
-    /// Messages received before the error are kept: they were read, and are still to
-    /// be applied.
+    /// Messages received but not yet handed over are dropped too: unacknowledged, a
+    /// kept session delivers them again, with packet ids that mean something on the
+    /// new connection (an ack of an old id on a new session would acknowledge another
+    /// message).
     fn forget_dead_connection(&mut self) {
         self.gate.lock().open = false;
         // Moves the request queue into `pending` (dropping acks, which a resumed
         // session's redelivery replaces); the connection is gone already.
         self.eventloop.clean();
-        self.eventloop
-            .state
-            .events
-            .retain(|e| matches!(e, Event::Incoming(Packet::Publish(_))));
+        self.eventloop.state.events.clear();
+        // A publish set aside because its packet id was still taken (a PUBACK that
+        // never came) would stop rumqttc from sending anything on every later
+        // connection (rumqtt#1014): a clean session's owner publishes it again anyway.
+        if let Some(p) = self.eventloop.state.collision.take() {
+            if !self.clean_session {
+                self.eventloop
+                    .pending
+                    .push_back(rumqttc::Request::Publish(p));
+            }
+        }
+        self.eventloop.state.collision_ping_count = 0;
         if self.clean_session {
             self.eventloop.pending.clear();
         }

@@ -88,7 +88,8 @@ fn main() {
     // Tables printed after the figures.
     let mut notes: Vec<String> = Vec::new();
 
-    // BENCH_ONLY=drain,e2e,http,latency,replay runs only those figures (when chasing one).
+    // BENCH_ONLY=drain,e2e,http,latency,replay,cluster runs only those figures (when
+    // chasing one).
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let want = |f: &str| only.is_empty() || only.split(',').any(|o| o == f);
 
@@ -203,6 +204,41 @@ fn main() {
             &single,
             Some(target),
         ));
+    }
+
+    // 8. End to end over a 3-node NATS cluster (deploy/nats/node.conf, replicas 3), the
+    // producer on one node and the consumer on another, against the box's Mosquitto.
+    if want("cluster") {
+        if support::nats::available() {
+            let cluster = support::nats::Cluster::start(3, "");
+            let (from, to) = (cluster.urls_from(0), cluster.urls_from(1));
+            let n = plan.events / 3;
+            let node = |i: usize| ("127.0.0.1".to_owned(), cluster.nodes[i].mqtt_port);
+            let (mut local, mut clustered, mut bare) = (Vec::new(), Vec::new(), Vec::new());
+            for r in 0..plan.runs {
+                let url = broker.url();
+                bare.push(bare_through_on(node(0), node(1), n, payload_len));
+                clustered.push(end_to_end_on((&from, &to), dir.path(), &format!("n{r}"), n).0);
+                local.push(end_to_end_on((&url, &url), dir.path(), &format!("m{r}"), n).0);
+            }
+            let clustered = Figure(clustered);
+            rows.push(row(
+                &format!("end to end over a 3-node NATS cluster (producer on node A, consumer on B), {n} events, events/s"),
+                &clustered,
+                "bare publisher on A -> cluster -> bare QoS1 subscriber on B (the cluster's MQTT path alone)",
+                &Figure(bare),
+                Some(0.5),
+            ));
+            rows.push(row(
+                "end to end over the NATS cluster (as above)",
+                &clustered,
+                "end to end over the box's Mosquitto",
+                &Figure(local),
+                None,
+            ));
+        } else {
+            notes.push("SKIPPED the NATS cluster figure: nats-server is not installed (apt-get install nats-server)".into());
+        }
     }
 
     // 7. Live events while a consumer's replay of the whole history goes out.
@@ -323,9 +359,9 @@ fn print_setup(plan: &Plan, broker: &Broker) {
     );
 }
 
-fn bench_config(broker: &Broker, name: &str) -> Config {
+fn bench_config(broker_url: &str, name: &str) -> Config {
     Config {
-        broker_url: broker.url(),
+        broker_url: broker_url.to_owned(),
         client_id: format!("bench-{name}-{}", std::process::id()),
         source: "producer".into(),
         topic_prefix: format!("bench-{}", std::process::id()),
@@ -444,10 +480,15 @@ fn bare_publisher(broker: &Broker, n: usize, payload_len: usize) -> f64 {
 /// broker -> a bare QoS1 subscriber that acknowledges each message on receipt (rumqttc
 /// does it). Events/s until the subscriber has received all `n`.
 fn bare_through(broker: &Broker, n: usize, payload_len: usize) -> f64 {
+    let address = (broker.host.clone(), broker.port);
+    bare_through_on(address.clone(), address, n, payload_len)
+}
+
+/// [`bare_through`] with the publisher on `from` and the subscriber on `to`.
+fn bare_through_on(from: (String, u16), to: (String, u16), n: usize, payload_len: usize) -> f64 {
     runtime().block_on(async {
         let topic = format!("bench-{}/through", std::process::id());
-        let address = (broker.host.clone(), broker.port);
-        let (subscriber, mut eventloop) = bare_client(&address, "sub");
+        let (subscriber, mut eventloop) = bare_client(&to, "sub");
         subscriber
             .subscribe(topic.clone(), QoS::AtLeastOnce)
             .await
@@ -457,7 +498,7 @@ fn bare_through(broker: &Broker, n: usize, payload_len: usize) -> f64 {
             Event::Incoming(Packet::SubAck(_))
         ) {}
         let started = Instant::now();
-        let publisher = tokio::spawn(publish_all(address, topic, n, payload_len));
+        let publisher = tokio::spawn(publish_all(from, topic, n, payload_len));
         let mut received = 0;
         while received < n {
             if let Event::Incoming(Packet::Publish(_)) =
@@ -474,7 +515,7 @@ fn bare_through(broker: &Broker, n: usize, payload_len: usize) -> f64 {
 
 /// `n` pending rows -> all PUBACKed and marked. Events/s.
 fn relay_drain(broker: &Broker, dir: &Path, run: usize, n: usize) -> (f64, f64) {
-    let cfg = bench_config(broker, &format!("drain{run}"));
+    let cfg = bench_config(&broker.url(), &format!("drain{run}"));
     let db = support::open_db(dir, &format!("drain{run}"), &cfg);
     fill(&db, &Outbox::new(&cfg), n);
     let (rate, busy) = runtime().block_on(async {
@@ -551,7 +592,7 @@ fn commit_to_marked(path: &Path, ids: &[i64]) -> Vec<f64> {
 /// while live events of another stream are written every 5 ms: their commit -> marked
 /// published (an upper bound of commit -> PUBACK), against the same without a replay.
 fn live_beside_replay(broker: &Broker, dir: &Path, history: usize) -> String {
-    let cfg = bench_config(broker, "replay");
+    let cfg = bench_config(&broker.url(), "replay");
     let db = support::open_db(dir, "replay", &cfg);
     let path = dir.join("replay.db");
     let outbox = Outbox::new(&cfg);
@@ -622,8 +663,14 @@ async fn wait_for_count(what: &str, n: usize, started: Instant, count: impl Fn()
 
 /// `n` pending rows -> all applied by a consumer, FULL durability on both sides.
 fn end_to_end(broker: &Broker, dir: &Path, run: usize, n: usize) -> (f64, f64) {
-    let cfg = bench_config(broker, &format!("e2e-producer{run}"));
-    let consumer_cfg = bench_config(broker, &format!("e2e-consumer{run}"));
+    let url = broker.url();
+    end_to_end_on((&url, &url), dir, &format!("{run}"), n)
+}
+
+/// [`end_to_end`] with the producer on `urls.0` and the consumer on `urls.1`.
+fn end_to_end_on(urls: (&str, &str), dir: &Path, run: &str, n: usize) -> (f64, f64) {
+    let cfg = bench_config(urls.0, &format!("e2e-producer{run}"));
+    let consumer_cfg = bench_config(urls.1, &format!("e2e-consumer{run}"));
     let producer = support::open_db(dir, &format!("e2e-p{run}"), &cfg);
     let consumer_db = support::open_db(dir, &format!("e2e-c{run}"), &consumer_cfg);
     fill(&producer, &Outbox::new(&cfg), n);

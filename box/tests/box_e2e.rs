@@ -12,7 +12,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
-use services::{create_users, drained, verify, verify_with, wait_until, wait_welcomed, Service};
+use services::{
+    box_command, create_users, drained, verify, verify_with, wait_until, wait_welcomed, Service,
+};
 use support::Broker;
 
 #[test]
@@ -180,27 +182,6 @@ fn the_offline_demo_runs_to_the_end_and_its_verify_passes() {
         "{text}"
     );
     assert!(text.contains("verify: all 10 checks passed"), "{text}");
-}
-
-/// `edge-outbox SUBCOMMAND --dir DIR` for a command that runs a box of its own: the
-/// services from this build, mosquitto from Debian's /usr/sbin.
-fn box_command(subcommand: &str, dir: &Path) -> Command {
-    support::Broker::reserve(""); // fails loudly when mosquitto is missing
-    let bin_dir = Path::new(env!("CARGO_BIN_EXE_user-service"))
-        .parent()
-        .unwrap();
-    let path = format!(
-        "{}:/usr/sbin:/sbin",
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_edge-outbox"));
-    cmd.arg(subcommand)
-        .arg("--dir")
-        .arg(dir)
-        .arg("--bin-dir")
-        .arg(bin_dir)
-        .env("PATH", path);
-    cmd
 }
 
 /// Runs `edge-outbox power-cut` with `args`; returns its output, or None when it

@@ -425,6 +425,11 @@ impl Consumer {
                         match item {
                             Polled::Connected { session_present, .. } => {
                                 tracing::info!(session_present, broker = ?self.status.link.broker(), "consumer connected to broker");
+                                if !session_present {
+                                    // The broker lost the session and what it had sent:
+                                    // their packet ids now name other messages.
+                                    p.unacked.clear();
+                                }
                                 self.status.connected.store(true, Ordering::Relaxed);
                                 p.report_positions();
                             }

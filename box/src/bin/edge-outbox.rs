@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use edge_box::admin::cluster_demo::{self, ClusterDemo};
 use edge_box::admin::demo_offline::{self, DemoOffline};
 use edge_box::admin::mark_restored;
 use edge_box::admin::operate::{self, Answer, Db, Page, Url};
@@ -61,6 +62,11 @@ enum Cmd {
     /// broker is stopped, then drains the backlog in order when it returns; ends with
     /// verify. Exits non-zero if any step fails.
     DemoOffline(DemoOffline),
+    /// Beyond one box, step by step: a 3-node NATS cluster (deploy/nats/), each service
+    /// on a host of its own (a network namespace as root; loopback otherwise, said so),
+    /// a steady load, the death of a node, a service host cut off from the cluster,
+    /// then verify. Exits non-zero if any step fails.
+    ClusterDemo(ClusterDemo),
     /// Run the box under concurrent load through repeated power cuts (a loop-mounted
     /// ext4 image shut down with FS_IOC_SHUTDOWN; needs root and loop devices) or
     /// SIGKILLs of one component at a time (--mode kill), then check that every
@@ -391,6 +397,7 @@ fn main() -> ExitCode {
         }
         Cmd::RunAll(opts) => block_on("run-all", run_all::run(opts)),
         Cmd::DemoOffline(opts) => block_on("demo-offline", demo_offline::run(opts)),
+        Cmd::ClusterDemo(opts) => block_on("cluster-demo", cluster_demo::run(opts)),
         Cmd::PowerCut(opts) => block_on("power-cut", async {
             println!("{}", power_cut::run(opts).await?);
             Ok(())

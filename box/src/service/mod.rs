@@ -332,9 +332,9 @@ pub async fn run(spec: Spec, args: ServiceArgs, shutdown: CancellationToken) -> 
     if cfg.db_synchronous != edge_outbox::Synchronous::Full {
         tracing::warn!(db_synchronous = %cfg.db_synchronous, "--db-synchronous is not full: commits acknowledged to clients can be lost in a power cut (for benchmarks only)");
     }
-    let broker = cfg.broker()?;
+    let clear_text_beyond_loopback = cfg.brokers()?.iter().any(|b| !b.tls && !b.is_loopback());
     match &cfg.mqtt_username {
-        Some(_) if !broker.tls && !broker.is_loopback() => tracing::warn!(
+        Some(_) if clear_text_beyond_loopback => tracing::warn!(
             broker = %cfg.broker_url,
             "sending the MQTT password in clear text to a broker beyond this machine: use mqtts://"
         ),

@@ -242,3 +242,24 @@ pub fn wait_welcomed(users: &Service, ledger: &Service, ids: &[String]) {
         })
     });
 }
+
+/// `edge-outbox SUBCOMMAND --dir DIR` for a command that runs a box of its own: the
+/// services from this build, mosquitto from Debian's /usr/sbin.
+pub fn box_command(subcommand: &str, dir: &Path) -> Command {
+    Broker::reserve(""); // fails loudly when mosquitto is missing
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_user-service"))
+        .parent()
+        .unwrap();
+    let path = format!(
+        "{}:/usr/sbin:/sbin",
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_edge-outbox"));
+    cmd.arg(subcommand)
+        .arg("--dir")
+        .arg(dir)
+        .arg("--bin-dir")
+        .arg(bin_dir)
+        .env("PATH", path);
+    cmd
+}
