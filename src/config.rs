@@ -557,6 +557,10 @@ impl Config {
 
 /// One broker address, mqtt://HOST:PORT or mqtts://HOST:PORT.
 fn parse_broker(url: &str) -> Result<BrokerAddr, ConfigError> {
+    // Before anything echoes the URL: it may hold a password.
+    if url.contains('@') {
+        return Err(bad("broker", "credentials in the URL are not supported"));
+    }
     let plain = url
         .strip_prefix("mqtt://")
         .or_else(|| url.strip_prefix("tcp://"));

@@ -212,6 +212,7 @@ impl Link {
             current: 0,
             role: opts.role,
             clean_session: opts.clean_session,
+            manual_acks: opts.manual_acks,
             filters: opts.filters,
             status,
             backoff,
@@ -325,27 +326,24 @@ impl Subscriptions {
     }
 
     /// Queues a SUBSCRIBE for `filters`; false when rumqttc's queue is full.
-    fn ask(
-        subs: &Mutex<Subscriptions>,
-        client: &AsyncClient,
-        filters: Vec<SubscribeFilter>,
-    ) -> bool {
-        let mut s = lock(subs);
+    fn ask(&mut self, client: &AsyncClient, filters: Vec<SubscribeFilter>) -> bool {
         if client.try_subscribe_many(filters.clone()).is_err() {
             return false;
         }
-        s.asked.push_back(filters);
+        self.asked.push_back(filters);
         true
     }
 
     /// Asks for `filters` again after `delay`, with any others already waiting, on
-    /// the connection current now (none if it is replaced meanwhile).
+    /// the connection current now (none if it is replaced meanwhile). The timer ends
+    /// with the link (`stop`).
     fn retry(
         subs: &Arc<Mutex<Subscriptions>>,
         client: &AsyncClient,
         filters: Vec<SubscribeFilter>,
         delay: Duration,
         connection: &Arc<AtomicU64>,
+        stop: &CancellationToken,
     ) {
         {
             let mut s = lock(subs);
@@ -361,19 +359,26 @@ impl Subscriptions {
         }
         let (subs, client, gen) = (subs.clone(), client.clone(), connection.clone());
         let at = gen.load(Ordering::Relaxed);
+        let stop = stop.clone();
         tokio::spawn(async move {
             loop {
-                sleep(delay).await;
+                tokio::select! {
+                    _ = sleep(delay) => {}
+                    _ = stop.cancelled() => return,
+                }
                 if gen.load(Ordering::Relaxed) != at {
                     return; // a new connection subscribed to everything
                 }
-                let Some(filters) = lock(&subs).retry.take() else {
+                let mut s = lock(&subs);
+                let Some(filters) = s.retry.clone() else {
                     return;
                 };
-                if Subscriptions::ask(&subs, &client, filters.clone()) {
+                if s.ask(&client, filters) {
+                    s.retry = None;
                     return;
                 }
-                lock(&subs).retry = Some(filters); // queue full: wait again
+                // rumqttc's queue is full: the filters stay in `retry` (refusals that
+                // come meanwhile join them) and this task waits again.
             }
         });
     }
@@ -388,6 +393,7 @@ struct Driver {
     current: usize,
     role: &'static str,
     clean_session: bool,
+    manual_acks: bool,
     filters: Vec<SubscribeFilter>,
     status: Arc<LinkStatus>,
     backoff: Backoff,
@@ -430,24 +436,32 @@ impl Driver {
                             // Always subscribe: a broker that lost the session lost the
                             // subscriptions. A full request queue: asked for again soon.
                             if !self.filters.is_empty()
-                                && !Subscriptions::ask(&subs, &self.client, self.filters.clone())
+                                && !lock(&subs).ask(&self.client, self.filters.clone())
                             {
                                 tracing::warn!(
                                     "{}: could not queue its subscriptions; asking again",
                                     self.role
                                 );
-                                Subscriptions::retry(
-                                    &subs,
-                                    &self.client,
-                                    self.filters.clone(),
-                                    sub_backoff.next_delay(),
-                                    &connection,
-                                );
+                                self.retry_all(&subs, sub_backoff.next_delay(), &connection, &stop);
                             }
                         }
                         Event::Incoming(Packet::SubAck(ack)) => {
                             let Some(filters) = lock(&subs).asked.pop_front() else {
-                                continue; // no SUBSCRIBE waits for it: a broker's mistake
+                                // No SUBSCRIBE waits for it: a broker's mistake. If it
+                                // refuses something, ask for everything again.
+                                let refusal = ack
+                                    .return_codes
+                                    .iter()
+                                    .any(|c| matches!(c, SubscribeReasonCode::Failure));
+                                if refusal {
+                                    self.retry_all(
+                                        &subs,
+                                        sub_backoff.next_delay(),
+                                        &connection,
+                                        &stop,
+                                    );
+                                }
+                                continue;
                             };
                             let failed =
                                 |c: &SubscribeReasonCode| matches!(c, SubscribeReasonCode::Failure);
@@ -495,6 +509,7 @@ impl Driver {
                                     refused,
                                     delay,
                                     &connection,
+                                    &stop,
                                 );
                             }
                         }
@@ -545,6 +560,24 @@ impl Driver {
         }
     }
 
+    /// Asks for every filter of the link again after `delay`.
+    fn retry_all(
+        &self,
+        subs: &Arc<Mutex<Subscriptions>>,
+        delay: Duration,
+        connection: &Arc<AtomicU64>,
+        stop: &CancellationToken,
+    ) {
+        Subscriptions::retry(
+            subs,
+            &self.client,
+            self.filters.clone(),
+            delay,
+            connection,
+            stop,
+        );
+    }
+
     /// "HOST:PORT" of the address in use.
     fn address(&self) -> String {
         let a = &self.addresses[self.current];
@@ -574,16 +607,25 @@ impl Driver {
     /// [`Polled::Lost`]: PUBACKs and outgoing-publish events of the dead connection
     /// would resolve the wrong publishes of the new one. So the gate is closed first
     /// (no new request can be meant for the dead connection), then the queue drained.
-    /// Messages received but not yet handed over are dropped too: unacknowledged, a
-    /// kept session delivers them again, with packet ids that mean something on the
-    /// new connection (an ack of an old id on a new session would acknowledge another
-    /// message).
+    /// With manual acks, messages received but not yet handed over are dropped too:
+    /// unacknowledged, a kept session delivers them again, with packet ids that mean
+    /// something on the new connection (an ack of an old id on a new session would
+    /// acknowledge another message). Without (the relay's control messages), rumqttc
+    /// acknowledged them as it read them: they are kept.
     fn forget_dead_connection(&mut self) {
         self.gate.lock().open = false;
         // Moves the request queue into `pending` (dropping acks, which a resumed
         // session's redelivery replaces); the connection is gone already.
         self.eventloop.clean();
-        self.eventloop.state.events.clear();
+        if self.manual_acks {
+            self.eventloop.state.events.clear();
+        } else {
+            // rumqttc acknowledged these already: the broker will not send them again.
+            self.eventloop
+                .state
+                .events
+                .retain(|e| matches!(e, Event::Incoming(Packet::Publish(_))));
+        }
         // A publish set aside because its packet id was still taken (a PUBACK that
         // never came) would stop rumqttc from sending anything on every later
         // connection (rumqtt#1014): a clean session's owner publishes it again anyway.
@@ -597,6 +639,15 @@ impl Driver {
         self.eventloop.state.collision_ping_count = 0;
         if self.clean_session {
             self.eventloop.pending.clear();
+        } else {
+            // The next CONNACK subscribes again: a SUBSCRIBE left from this connection
+            // would get the SUBACK that the new one waits for.
+            self.eventloop.pending.retain(|r| {
+                !matches!(
+                    r,
+                    rumqttc::Request::Subscribe(_) | rumqttc::Request::Unsubscribe(_)
+                )
+            });
         }
     }
 }

@@ -20,7 +20,8 @@ fn nats_cluster_both_services_run_unchanged_and_survive_the_death_of_a_node() {
     }
     // deploy/nats/ as shipped: each service logs in with its own name, and may
     // publish only on its own topics.
-    let password = "cluster-test-pw";
+    // Starting with digits: nats-server would read it as a number unless quoted.
+    let password = "4e1-cluster-test-pw";
     let mut cluster = Cluster::start_box(password);
     let dir = tempfile::tempdir().unwrap();
     let start = |name: &'static str, exe: &str, first: usize| {

@@ -2,7 +2,7 @@
 //! through [`crate::consumer::inbox`] and acknowledges each one only after its transaction
 //! committed.
 //!
-//! Two tasks. The *poller* ([`crate::mqtt::Link`]) owns the MQTT event loop: it
+//! Two tasks. The *poller* (`mqtt::Link`) owns the MQTT event loop: it
 //! forwards received messages, subscribes after every CONNACK (a broker that lost the
 //! session has lost the subscriptions too) and again after a refusal, and backs off
 //! after errors. The *processor* takes messages in batches, applies each batch in one
@@ -30,7 +30,7 @@ use tokio::time::{interval, sleep, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError};
-use crate::mqtt::{Link, LinkOptions, LinkStatus, Polled};
+use crate::mqtt::{Gate, Link, LinkOptions, LinkStatus, Polled};
 use crate::protocol::{self, HeadAnnouncement, PositionReport, ReplayRequest, Topics};
 use crate::retry::{truncated, Backoff, LogLimiter, LOG_DETAIL_MAX_CHARS};
 use crate::storage::{Database, DbError};
@@ -403,6 +403,9 @@ impl Consumer {
             db_log: LogLimiter::new(Duration::from_secs(60)),
             backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(5)),
             unacked: VecDeque::new(),
+            gate: link.gate.clone(),
+            connection: 0,
+            session: 0,
         };
         p.publish_status();
         let gap_every = Duration::from_millis((cfg.consumer_gap_timeout_ms / 2).max(10));
@@ -423,12 +426,13 @@ impl Consumer {
                     let mut next = Some(first);
                     while let Some(item) = next.take() {
                         match item {
-                            Polled::Connected { session_present, .. } => {
+                            Polled::Connected { session_present, connection } => {
                                 tracing::info!(session_present, broker = ?self.status.link.broker(), "consumer connected to broker");
+                                p.connection = connection;
                                 if !session_present {
                                     // The broker lost the session and what it had sent:
                                     // their packet ids now name other messages.
-                                    p.unacked.clear();
+                                    p.session += 1;
                                 }
                                 self.status.connected.store(true, Ordering::Relaxed);
                                 p.report_positions();
@@ -436,7 +440,7 @@ impl Consumer {
                             Polled::Event(Event::Incoming(Packet::Publish(m))) if topics.parse_heads(&m.topic).is_some() => p.on_heads(&m).await,
                             Polled::Event(Event::Incoming(Packet::Publish(m))) => {
                                 self.status.received.fetch_add(1, Ordering::Relaxed);
-                                batch.push(m)
+                                batch.push(Received { session: p.session, m })
                             }
                             Polled::Event(_) => {}
                             Polled::Lost { why, .. } => {
@@ -502,6 +506,12 @@ impl Consumer {
     }
 }
 
+/// A message taken for applying, with the broker session it came in.
+struct Received {
+    session: u64,
+    m: Publish,
+}
+
 /// The processor's state.
 struct Processor<'a> {
     consumer: &'a Consumer,
@@ -523,7 +533,14 @@ struct Processor<'a> {
     db_log: LogLimiter,
     backoff: Backoff,
     /// Committed messages whose PUBACK rumqttc has not accepted yet, in receive order.
-    unacked: VecDeque<Publish>,
+    unacked: VecDeque<Received>,
+    /// Acks go to rumqttc only while it admits `connection`, the connection whose
+    /// CONNACK this task read last: none is left in rumqttc's queue for the next one.
+    gate: Arc<Gate>,
+    connection: u64,
+    /// Bumped when a CONNACK says the broker lost the session: a message of an
+    /// earlier session is never acknowledged (its packet id names another message now).
+    session: u64,
 }
 
 impl Processor<'_> {
@@ -535,8 +552,16 @@ impl Processor<'_> {
     fn flush_acks(&mut self) {
         // rumqttc reports a full queue and a stopped event loop alike; either way
         // the acks wait (messages never acked are redelivered after a reconnect).
-        while let Some(m) = self.unacked.front() {
-            if self.client.try_ack(m).is_err() {
+        let gate = self.gate.lock();
+        if !gate.admits(self.connection) {
+            return; // the connection died: wait for the next CONNACK
+        }
+        while let Some(r) = self.unacked.front() {
+            if r.session != self.session {
+                self.unacked.pop_front(); // its session is gone, and its ack with it
+                continue;
+            }
+            if self.client.try_ack(&r.m).is_err() {
                 return;
             }
             self.unacked.pop_front();
@@ -546,14 +571,14 @@ impl Processor<'_> {
     /// Applies `batch` and acknowledges every message whose outcome is final, in
     /// receive order. Returns false when cancelled while waiting to retry (the rest of
     /// the batch stays unacknowledged; the broker delivers it again).
-    async fn process(&mut self, batch: &mut Vec<Publish>, cancel: &CancellationToken) -> bool {
+    async fn process(&mut self, batch: &mut Vec<Received>, cancel: &CancellationToken) -> bool {
         // Without a savepoint per handler first; after a handler failed (the writer
         // rolled the batch back), again with one, for the rest of this batch.
         let mut isolation = Isolation::Optimistic;
         while !batch.is_empty() {
             let messages: Vec<(String, bytes::Bytes)> = batch
                 .iter()
-                .map(|m| (m.topic.clone(), m.payload.clone()))
+                .map(|r| (r.m.topic.clone(), r.m.payload.clone()))
                 .collect();
             let ctx = self.consumer.ctx.clone();
             let result = self

@@ -65,13 +65,15 @@ impl Cluster {
     /// user-service and transaction-service may connect, each with `password`.
     pub fn start_box(password: &str) -> Cluster {
         let users = std::fs::read_to_string(deploy_dir().join("users.conf")).unwrap();
+        // As users.conf says: the variable holds the password in double quotes.
+        let quoted = format!("\"{password}\"");
         Cluster::start_with_env(
             3,
             &users,
             Some(("user-service", password)),
             &[
-                ("USER_SERVICE_MQTT_PASSWORD", password),
-                ("TRANSACTION_SERVICE_MQTT_PASSWORD", password),
+                ("USER_SERVICE_MQTT_PASSWORD", &quoted),
+                ("TRANSACTION_SERVICE_MQTT_PASSWORD", &quoted),
             ],
         )
     }

@@ -75,6 +75,8 @@ fn command(program: &str, args: &[&str]) -> anyhow::Result<()> {
 /// A service's "host": a network namespace joined to this machine by a veth pair.
 struct Host {
     ns: String,
+    /// This machine's end of the veth pair, once made.
+    outer: Option<String>,
     /// This machine's end (where the NATS nodes listen for it).
     gateway: String,
     /// The namespace's own address (where its service listens).
@@ -83,20 +85,27 @@ struct Host {
 
 impl Host {
     fn create(tag: &str, subnet: u32) -> anyhow::Result<Host> {
-        let id = std::process::id() % 1000;
+        let id = std::process::id();
         let ns = format!("eo-{tag}-{id}");
         let (outer, inner) = (format!("eo{tag}{id}h"), format!("eo{tag}{id}n"));
-        let net = format!("10.{subnet}.{}", id % 250);
-        let host = Host {
+        // A /30 of its own per run: 10.SUBNET.X.Y, X.Y from the pid.
+        let block = (id % 16_000) * 4;
+        let octets = |k: u32| format!("10.{subnet}.{}.{}", block / 256, block % 256 + k);
+        // Another run's namespace is never touched: this pid's names are its own, and
+        // the guard that deletes it exists only once it was made here.
+        ip(&["netns", "add", &ns]).with_context(|| {
+            format!("network namespace {ns} (is another cluster-demo running?)")
+        })?;
+        let mut host = Host {
             ns: ns.clone(),
-            gateway: format!("{net}.1"),
-            addr: format!("{net}.2"),
+            outer: None,
+            gateway: octets(1),
+            addr: octets(2),
         };
-        let _ = ip(&["netns", "del", &ns]); // left by an interrupted run
-        ip(&["netns", "add", &ns])?;
         ip(&[
             "link", "add", &outer, "type", "veth", "peer", "name", &inner,
         ])?;
+        host.outer = Some(outer.clone());
         ip(&["link", "set", &inner, "netns", &ns])?;
         ip(&[
             "addr",
@@ -115,6 +124,9 @@ impl Host {
         inside(&["link", "set", &inner, "up"])?;
         inside(&["link", "set", "lo", "up"])?;
         inside(&["route", "add", "default", "via", &host.gateway])?;
+        // iptables must run inside it (step 6): find out now, not half-way.
+        command("ip", &["netns", "exec", &ns, "iptables", "-S"])
+            .context("iptables does not run in the namespace")?;
         Ok(host)
     }
 
@@ -141,6 +153,9 @@ impl Host {
 impl Drop for Host {
     fn drop(&mut self) {
         let _ = ip(&["netns", "del", &self.ns]); // takes its veth pair with it
+        if let Some(outer) = &self.outer {
+            let _ = ip(&["link", "del", outer]); // if it never moved in
+        }
     }
 }
 
@@ -228,8 +243,23 @@ fn namespaces_missing() -> Option<String> {
 pub async fn run(opts: ClusterDemo) -> anyhow::Result<()> {
     let bin_dir = bin_dir(&opts.bin_dir)?;
     let dir = opts.dir.clone();
-    let _ = std::fs::remove_dir_all(&dir);
+    // Wiped only when it is an earlier run's (it holds the marker), or empty.
+    let marker = dir.join(".cluster-demo");
+    if dir.exists() {
+        let empty = std::fs::read_dir(&dir)?.next().is_none();
+        if !marker.exists() && !empty {
+            bail!(
+                "{} holds files that cluster-demo did not write: give another --dir",
+                dir.display()
+            );
+        }
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(
+        &marker,
+        "written by edge-outbox cluster-demo; wiped at its next start\n",
+    )?;
     let access = broker_access::ensure(&dir.join("mqtt"), DEFAULT_TOPIC_PREFIX)?;
     let password = |account: &str| -> anyhow::Result<String> {
         let p = std::fs::read_to_string(access.password_file(account))?;
@@ -303,7 +333,13 @@ pub async fn run(opts: ClusterDemo) -> anyhow::Result<()> {
         {
             env.push((var.to_string(), format!("nats-route://127.0.0.1:{port}")));
         }
-        env.extend(secrets.iter().map(|(k, v)| (k.to_string(), v.clone())));
+        // nats-server parses a variable's value as config: quoted, it is a string
+        // whatever it holds (a password such as 4e1... would be read as a number).
+        env.extend(
+            secrets
+                .iter()
+                .map(|(k, v)| (k.to_string(), format!("\"{v}\""))),
+        );
         nodes.push(Node {
             name,
             mqtt,
@@ -322,7 +358,14 @@ pub async fn run(opts: ClusterDemo) -> anyhow::Result<()> {
         hosts,
         login: (USER_SERVICE.to_owned(), secrets[0].1.clone()),
     };
-    let result = demo.walk(&bin_dir, &access).await;
+    // Ctrl-C or SIGTERM: the children run in their own process groups and would
+    // outlive this process, so stop them (and remove the namespaces) first.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let result = tokio::select! {
+        r = demo.walk(&bin_dir, &access) => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        _ = term.recv() => Err(anyhow::anyhow!("terminated")),
+    };
     say("Stopping everything");
     for s in &mut demo.services {
         stop(s, Duration::from_secs(10)).await;
@@ -485,8 +528,14 @@ impl Demo {
         loop {
             let s = self.status(&self.users).await?;
             let broker = s["broker"].as_str().unwrap_or("");
-            if s["broker_connected"] == true && !dead.ends_with(broker) {
-                println!("   user-service moved to {broker} after {:.1} s; {} users created meanwhile, every one answered 201", killed.elapsed().as_secs_f64(), load.created());
+            if s["broker_connected"] == true
+                && !broker.is_empty()
+                && !dead.ends_with(&format!("//{broker}"))
+            {
+                if load.task.is_finished() {
+                    return load.stop().await.map(|_| ());
+                }
+                println!("   user-service moved to {broker} after {:.1} s; {} users created so far, every one answered 201", killed.elapsed().as_secs_f64(), load.created());
                 break;
             }
             if killed.elapsed() > Duration::from_secs(60) {
@@ -508,13 +557,22 @@ impl Demo {
                 t.cut(&ports, true)?;
                 let cut_at = Instant::now();
                 let mut noticed = false;
-                while cut_at.elapsed() < Duration::from_secs(secs) {
+                // Held until noticed: rumqttc notices after 1 to 2 keep-alives (5-10 s).
+                while cut_at.elapsed() < Duration::from_secs(secs)
+                    || (!noticed && cut_at.elapsed() < Duration::from_secs(secs + 15))
+                {
                     let s = self.status(&self.ledger).await?;
                     if !noticed && s["consumer"]["connected"] == false {
                         noticed = true;
                         println!("   transaction-service noticed after {:.1} s (its keep-alive is 5 s); it still answers HTTP", cut_at.elapsed().as_secs_f64());
                     }
                     tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                if !noticed {
+                    bail!(
+                        "transaction-service did not notice the cut within {} s (keep-alive 5 s)",
+                        secs + 15
+                    );
                 }
                 let pending = self.status(&self.users).await?;
                 println!("   {} users created; user-service kept publishing to the cluster ({} pending), which queues transaction-service's events in its session", load.created(), pending["outbox"]["pending"]);
