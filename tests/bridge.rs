@@ -1,5 +1,5 @@
 //! The classic edge topology: each box keeps its local Mosquitto, bridged to an
-//! upstream NATS server (deploy/mosquitto/bridge.conf describes the lines). The
+//! upstream 3-node NATS cluster (deploy/mosquitto/bridge.conf describes the lines). The
 //! producer's box broker is SIGKILLed while its bridge holds a backlog it had already
 //! PUBACKed: the recovery protocol (head announcements and replay requests, which the
 //! bridges carry both ways) repairs what the bridge lost.
@@ -37,11 +37,10 @@ async fn nats_bridge_a_box_broker_killed_with_a_backlog_in_its_bridge_is_repaire
     if !nats::available() {
         return skip(test, "nats-server (apt-get install nats-server)");
     }
-    let upstream = Cluster::start(1, "");
-    let up_port = upstream.nodes[0].mqtt_port;
-    // The producer's box reaches upstream through a proxy, to hold its bridge's
-    // traffic; the consumer's box directly.
-    let link_a = Proxy::start(up_port, Mode::Pass);
+    // The upstream cluster (deploy/nats/node.conf); box A's bridge goes to node 1
+    // through a proxy (to hold its traffic), box B's to node 2.
+    let upstream = Cluster::start(3, "");
+    let link_a = Proxy::start(upstream.nodes[0].mqtt_port, Mode::Pass);
     let prefix = format!("test-{}", std::process::id());
     let t = |rest: &str| format!("{prefix}/{rest}");
     let box_a = Broker::start_with(&bridge(
@@ -52,7 +51,7 @@ async fn nats_bridge_a_box_broker_killed_with_a_backlog_in_its_bridge_is_repaire
     ));
     let box_b = Broker::start_with(&bridge(
         "box-b",
-        up_port,
+        upstream.nodes[1].mqtt_port,
         &[
             t("replay/producer/consumer"),
             t("positions/producer/consumer"),
