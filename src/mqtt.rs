@@ -620,7 +620,8 @@ impl Driver {
         if self.manual_acks {
             self.eventloop.state.events.clear();
         } else {
-            // rumqttc acknowledged these already: the broker will not send them again.
+            // rumqttc queued their acks as it read them, and the relay's clean session
+            // would not get them again: keep them (a replay request, a report).
             self.eventloop
                 .state
                 .events

@@ -1,5 +1,7 @@
 //! The classic edge topology: each box keeps its local Mosquitto, bridged to an
-//! upstream 3-node NATS cluster (deploy/mosquitto/bridge.conf describes the lines). The
+//! upstream 3-node NATS cluster, with the per-direction `+` filters of
+//! deploy/mosquitto/bridge.conf (without its accounts, TLS and node list: the cluster
+//! here admits anyone). The
 //! producer's box broker is SIGKILLed while its bridge holds a backlog it had already
 //! PUBACKed: the recovery protocol (head announcements and replay requests, which the
 //! bridges carry both ways) repairs what the bridge lost.
@@ -46,8 +48,8 @@ async fn nats_bridge_a_box_broker_killed_with_a_backlog_in_its_bridge_is_repaire
     let box_a = Broker::start_with(&bridge(
         "box-a",
         link_a.port,
-        &[t("events/producer/#"), t("heads/producer")],
-        &[t("replay/producer/#"), t("positions/producer/#")],
+        &[t("events/producer/+"), t("heads/producer")],
+        &[t("replay/producer/+"), t("positions/producer/+")],
     ));
     let box_b = Broker::start_with(&bridge(
         "box-b",
@@ -56,7 +58,7 @@ async fn nats_bridge_a_box_broker_killed_with_a_backlog_in_its_bridge_is_repaire
             t("replay/producer/consumer"),
             t("positions/producer/consumer"),
         ],
-        &[t("events/producer/#"), t("heads/producer")],
+        &[t("events/producer/+"), t("heads/producer")],
     ));
     let mut pair = Pair::new(&box_a.url(), |c| c);
     pair.consumer_cfg.broker_url = box_b.url();

@@ -428,12 +428,7 @@ impl Consumer {
                         match item {
                             Polled::Connected { session_present, connection } => {
                                 tracing::info!(session_present, broker = ?self.status.link.broker(), "consumer connected to broker");
-                                p.connection = connection;
-                                if !session_present {
-                                    // The broker lost the session and what it had sent:
-                                    // their packet ids now name other messages.
-                                    p.session += 1;
-                                }
+                                p.connected(session_present, connection);
                                 self.status.connected.store(true, Ordering::Relaxed);
                                 p.report_positions();
                             }
@@ -461,7 +456,8 @@ impl Consumer {
                         p.report_positions();
                     }
                 }
-                _ = sleep(ACK_RETRY), if !p.unacked.is_empty() => p.flush_acks(),
+                // Only while acks can go out: not every 5 ms through an outage.
+                _ = sleep(ACK_RETRY), if !p.unacked.is_empty() && p.may_ack() => p.flush_acks(),
                 _ = gap_tick.tick() => p.request_replays(),
                 Some(r) = operator_replays.recv() => {
                     // A caller that gave up was told it was not sent: do not send it.
@@ -492,7 +488,15 @@ impl Consumer {
         // keeps the poller, which sends the acks, from waiting on this task.
         let deadline = tokio::time::Instant::now() + DISCONNECT_TIMEOUT;
         while !p.unacked.is_empty() && tokio::time::Instant::now() < deadline {
-            while link.events.try_recv().is_ok() {}
+            while let Ok(item) = link.events.try_recv() {
+                if let Polled::Connected {
+                    session_present,
+                    connection,
+                } = item
+                {
+                    p.connected(session_present, connection);
+                }
+            }
             p.flush_acks();
             sleep(ACK_RETRY).await;
         }
@@ -544,6 +548,22 @@ struct Processor<'a> {
 }
 
 impl Processor<'_> {
+    /// A CONNACK was read: acks may go to this connection, and when the broker lost
+    /// the session, those of what it had sent never will (their packet ids now name
+    /// other messages).
+    fn connected(&mut self, session_present: bool, connection: u64) {
+        self.connection = connection;
+        if !session_present {
+            self.session += 1;
+        }
+        self.flush_acks();
+    }
+
+    /// Whether rumqttc would take acks now (the connection this task knows is live).
+    fn may_ack(&self) -> bool {
+        self.gate.lock().admits(self.connection)
+    }
+
     /// Hands committed messages' PUBACKs to rumqttc, in order, without waiting: when
     /// its request queue is full they wait here. Waiting for it instead would deadlock:
     /// the poller drains that queue only while it can hand received messages to this
