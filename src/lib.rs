@@ -126,6 +126,7 @@ pub use config::{Config, ConfigError, Credentials, Secret};
 pub use consumer::inbox::{HandlerError, Handlers, StreamKey};
 pub use consumer::{Consumer, ConsumerAdmin, ConsumerStatus};
 pub use metrics::Metrics;
+pub use mqtt::LinkStatus;
 pub use outbox::envelope::CloudEvent;
 pub use outbox::{NewEvent, Outbox, OutboxError};
 pub use relay::{Relay, RelayStatus};

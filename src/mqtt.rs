@@ -186,10 +186,12 @@ impl Link {
         status: Arc<LinkStatus>,
     ) -> Result<Link, ConfigError> {
         let addresses = config.brokers()?;
-        let options = addresses
+        // The password file and the TLS files are read once, for every address.
+        let (credentials, tls) = (config.credentials()?, config.tls()?);
+        let options: Vec<MqttOptions> = addresses
             .iter()
-            .map(|a| mqtt_options(config, a, &opts))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|a| mqtt_options(config, a, &opts, credentials.as_ref(), tls.as_ref()))
+            .collect();
         let (client, mut eventloop) = AsyncClient::new(options[0].clone(), opts.request_capacity);
         let mut net = NetworkOptions::new();
         // Without TCP_NODELAY a publish-then-wait-for-PUBACK loop stalls on Nagle plus
@@ -257,13 +259,17 @@ fn mqtt_options(
     config: &Config,
     addr: &BrokerAddr,
     opts: &LinkOptions,
-) -> Result<MqttOptions, ConfigError> {
+    credentials: Option<&crate::config::Credentials>,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> MqttOptions {
     let mut o = MqttOptions::new(opts.client_id.clone(), addr.host.clone(), addr.port);
-    if let Some(c) = config.credentials()? {
-        o.set_credentials(c.username, c.password.expose());
+    if let Some(c) = credentials {
+        o.set_credentials(c.username.clone(), c.password.expose());
     }
-    if let Some(tls) = config.tls()? {
-        o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+    if let Some(tls) = tls {
+        o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            tls.clone(),
+        )));
     }
     o.set_keep_alive(Duration::from_secs(config.mqtt_keep_alive_s));
     // rumqttc's default (10 KiB) turns one larger message into an endless reconnect
@@ -273,7 +279,7 @@ fn mqtt_options(
     o.set_clean_session(opts.clean_session);
     o.set_manual_acks(opts.manual_acks);
     o.set_request_channel_capacity(opts.request_capacity);
-    Ok(o)
+    o
 }
 
 /// A connection error with its causes, e.g. "TLS: invalid peer certificate:

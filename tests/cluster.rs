@@ -45,6 +45,27 @@ fn no_replays(c: Config) -> Config {
     }
 }
 
+/// SIGKILLs node `i` while 300 items are written, and waits until `link` is connected
+/// to another node and the writes are done. Returns how long the move took.
+async fn kill_under_load(
+    pair: &Pair,
+    cluster: &mut Cluster,
+    i: usize,
+    link: &edge_outbox::LinkStatus,
+) -> Duration {
+    let writes = load(pair, &format!("kill-{i}"), 300);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let killed = Instant::now();
+    cluster.kill(i);
+    wait_for(&format!("a move off node {i}"), 30, || {
+        link.failovers() >= 1 && link.connected()
+    })
+    .await;
+    let took = killed.elapsed();
+    writes.await.unwrap();
+    took
+}
+
 async fn all_applied(pair: &Pair, n: usize, secs: u64) {
     let path = pair.consumer_path();
     wait_for(&format!("{n} items applied"), secs, || {
@@ -57,10 +78,8 @@ async fn all_applied(pair: &Pair, n: usize, secs: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_cluster_a_killed_node_is_failed_over_under_load_and_nothing_is_lost_or_applied_twice()
 {
-    let test =
-        "nats_cluster_a_killed_node_is_failed_over_under_load_and_nothing_is_lost_or_applied_twice";
-    if !nats::available() {
-        return skip(test, "nats-server (apt-get install nats-server)");
+    if nats::missing() {
+        return;
     }
     let mut cluster = Cluster::start(3, "");
     let mut pair = Pair::new(&cluster.urls_from(0), no_replays);
@@ -77,32 +96,14 @@ async fn nats_cluster_a_killed_node_is_failed_over_under_load_and_nothing_is_los
     all_applied(&pair, 100, 30).await;
 
     // The relay's node dies under load: the relay moves to another node.
-    let writes = load(&pair, "kill-a", 300);
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    let killed = Instant::now();
-    cluster.kill(0);
-    wait_for("the relay on another node", 30, || {
-        rstatus.link().failovers() >= 1 && rstatus.connected()
-    })
-    .await;
-    let relay_failover = killed.elapsed();
-    writes.await.unwrap();
+    let relay_failover = kill_under_load(&pair, &mut cluster, 0, rstatus.link()).await;
     all_applied(&pair, 400, 60).await;
 
     // It comes back; then the consumer's node dies: its persistent session, replicated
     // by JetStream, resumes on the third node with what was queued meanwhile.
     cluster.launch(0);
     cluster.wait_ready(0, Duration::from_secs(60));
-    let writes = load(&pair, "kill-b", 300);
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    let killed = Instant::now();
-    cluster.kill(1);
-    wait_for("the consumer on another node", 30, || {
-        cstatus.link().failovers() >= 1 && cstatus.connected()
-    })
-    .await;
-    let consumer_failover = killed.elapsed();
-    writes.await.unwrap();
+    let consumer_failover = kill_under_load(&pair, &mut cluster, 1, cstatus.link()).await;
     all_applied(&pair, 700, 60).await;
     eprintln!(
         "failover after SIGKILL of the node: relay {relay_failover:?}, consumer {consumer_failover:?} \
@@ -117,9 +118,8 @@ async fn nats_cluster_a_killed_node_is_failed_over_under_load_and_nothing_is_los
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_cluster_a_service_host_partitioned_longer_than_the_keep_alive_loses_nothing() {
-    let test = "nats_cluster_a_service_host_partitioned_longer_than_the_keep_alive_loses_nothing";
-    if !nats::available() {
-        return skip(test, "nats-server (apt-get install nats-server)");
+    if nats::missing() {
+        return;
     }
     let cluster = Cluster::start(3, "");
     // The consumer's host reaches every node through its own link: a proxy per node.

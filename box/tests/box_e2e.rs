@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use serde_json::json;
 use services::{
-    box_command, create_users, drained, verify, verify_with, wait_until, wait_welcomed, Service,
+    box_command, create_users, drained, run_ok, verify, verify_with, wait_until, wait_welcomed,
+    Service,
 };
 use support::Broker;
 
@@ -167,15 +168,7 @@ fn verify_refuses_missing_or_foreign_databases_with_exit_code_2() {
 #[test]
 fn the_offline_demo_runs_to_the_end_and_its_verify_passes() {
     let dir = tempfile::tempdir().unwrap();
-    let out = box_command("demo-offline", &dir.path().join("demo"))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = run_ok(&mut box_command("demo-offline", &dir.path().join("demo")));
     assert!(
         text.contains("POST /users -> 201, user \"")
             && text.contains("; user-service outbox: 5 pending"),

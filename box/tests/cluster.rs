@@ -9,14 +9,13 @@ mod services;
 #[path = "../../tests/support/mod.rs"]
 mod support;
 
-use services::{box_command, create_users, verify, wait_welcomed, Service};
+use services::{box_command, create_users, run_ok, verify, wait_welcomed, Service};
 use support::nats::{self, Cluster};
 
 #[test]
 fn nats_cluster_both_services_run_unchanged_and_survive_the_death_of_a_node() {
-    let test = "nats_cluster_both_services_run_unchanged_and_survive_the_death_of_a_node";
-    if !nats::available() {
-        return support::skip(test, "nats-server (apt-get install nats-server)");
+    if nats::missing() {
+        return;
     }
     // deploy/nats/ as shipped: each service logs in with its own name, and may
     // publish only on its own topics.
@@ -92,21 +91,12 @@ fn nats_cluster_both_services_run_unchanged_and_survive_the_death_of_a_node() {
 
 #[test]
 fn nats_cluster_demo_runs_to_the_end_and_its_verify_passes_needs_root() {
-    let test = "nats_cluster_demo_runs_to_the_end_and_its_verify_passes_needs_root";
-    if !nats::available() {
-        return support::skip(test, "nats-server (apt-get install nats-server)");
+    if nats::missing() {
+        return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let out = box_command("cluster-demo", &dir.path().join("demo"))
-        .args(["--partition-s", "8"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text =
+        run_ok(box_command("cluster-demo", &dir.path().join("demo")).args(["--partition-s", "8"]));
     assert!(text.contains("user-service moved to"), "{text}");
     assert!(text.contains("verify: all 10 checks passed"), "{text}");
     match support::root_missing(&["ip", "iptables"]) {
@@ -116,7 +106,10 @@ fn nats_cluster_demo_runs_to_the_end_and_its_verify_passes_needs_root() {
         ),
         Some(why) => {
             assert!(text.contains("NO NETWORK NAMESPACES"), "{text}");
-            support::skip(&format!("{test} (its partition step)"), &why);
+            support::skip(
+                "nats_cluster_demo_runs_to_the_end_and_its_verify_passes_needs_root (its partition step)",
+                &why,
+            );
         }
     }
 }

@@ -28,6 +28,20 @@ pub fn deploy_dir() -> PathBuf {
     dir.join("deploy/nats")
 }
 
+/// True, after saying loudly that the calling test is skipped and why, when
+/// nats-server is missing (CI installs it, so there it never is).
+pub fn missing() -> bool {
+    if available() {
+        return false;
+    }
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("a NATS test")
+        .to_owned();
+    super::skip(&test, "nats-server (apt-get install nats-server)");
+    true
+}
+
 /// True when nats-server is installed; tests skip loudly otherwise (CI installs it).
 pub fn available() -> bool {
     Command::new(nats_server())
@@ -264,10 +278,6 @@ impl Cluster {
             .find(|k| text.is_char_boundary(*k))
             .unwrap_or(0);
         text[start..].to_owned()
-    }
-
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
     }
 }
 

@@ -17,8 +17,10 @@ use serde_json::json;
 use tokio::process::Command;
 
 use crate::admin::broker_access;
-use crate::admin::run_all::{bin_dir, free_port, http, spawn, stop, wait_healthy, Output, Proc};
-use crate::admin::verify::{self, Target};
+use crate::admin::run_all::{
+    bin_dir, free_port, has_tool, http, run_cmd, spawn, stop, wait_healthy, Output, Proc,
+};
+use crate::admin::verify;
 use crate::contract::{TRANSACTION_SERVICE, USER_SERVICE};
 use edge_outbox::protocol::DEFAULT_TOPIC_PREFIX;
 
@@ -54,22 +56,7 @@ fn say(step: &str) {
 
 /// Runs `ip ARGS`, failing with its error output.
 fn ip(args: &[&str]) -> anyhow::Result<()> {
-    command("ip", args)
-}
-
-fn command(program: &str, args: &[&str]) -> anyhow::Result<()> {
-    let out = std::process::Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("cannot run {program}"))?;
-    if !out.status.success() {
-        bail!(
-            "{program} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    run_cmd("ip", args)
 }
 
 /// A service's "host": a network namespace joined to this machine by a veth pair.
@@ -125,7 +112,7 @@ impl Host {
         inside(&["link", "set", "lo", "up"])?;
         inside(&["route", "add", "default", "via", &host.gateway])?;
         // iptables must run inside it (step 6): find out now, not half-way.
-        command("ip", &["netns", "exec", &ns, "iptables", "-S"])
+        run_cmd("ip", &["netns", "exec", &ns, "iptables", "-S"])
             .context("iptables does not run in the namespace")?;
         Ok(host)
     }
@@ -137,7 +124,7 @@ impl Host {
         for port in ports {
             let port = port.to_string();
             for (chain, flag) in [("OUTPUT", "--dport"), ("INPUT", "--sport")] {
-                command(
+                run_cmd(
                     "ip",
                     &[
                         "netns", "exec", &self.ns, "iptables", action, chain, "-p", "tcp", flag,
@@ -223,14 +210,7 @@ fn namespaces_missing() -> Option<String> {
         return Some("not root".into());
     }
     for tool in ["ip", "iptables"] {
-        let found = std::process::Command::new("sh")
-            .args([
-                "-c",
-                &format!("command -v {tool} || test -x /usr/sbin/{tool}"),
-            ])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !found {
+        if !has_tool(tool) {
             return Some(format!(
                 "{tool} is missing (apt-get install iproute2 iptables)"
             ));
@@ -619,19 +599,7 @@ impl Demo {
         println!("   {} users, each credited", ids.len());
 
         say("9. verify: the cross-service invariants hold");
-        let target = Target {
-            user_db: self.opts.dir.join("user-service.db"),
-            transaction_db: self.opts.dir.join("transaction-service.db"),
-            users_source: USER_SERVICE.into(),
-            transactions_source: TRANSACTION_SERVICE.into(),
-            welcome_credit_cents: 1000,
-        };
-        let report = tokio::task::spawn_blocking(move || verify::verify(&target)).await??;
-        print!("{}", report.render());
-        if !report.ok() {
-            bail!("verify found violations");
-        }
-        Ok(())
+        verify::check_demo(&self.opts.dir).await
     }
 }
 

@@ -16,7 +16,7 @@ use crate::admin::run_all::{
 use edge_outbox::protocol::DEFAULT_TOPIC_PREFIX;
 
 use crate::admin::broker_access;
-use crate::admin::verify::{self, Target};
+use crate::admin::verify;
 
 /// Settings of the walk-through.
 #[derive(Debug, Clone, clap::Args)]
@@ -229,19 +229,7 @@ async fn walk(opts: &DemoOffline, conf: &std::path::Path, b: &mut Box_) -> anyho
     );
 
     say("6. verify: the cross-service invariants hold");
-    let target = Target {
-        user_db: opts.dir.join("user-service.db"),
-        transaction_db: opts.dir.join("transaction-service.db"),
-        users_source: "user-service".into(),
-        transactions_source: "transaction-service".into(),
-        welcome_credit_cents: 1000,
-    };
-    let report = tokio::task::spawn_blocking(move || verify::verify(&target)).await??;
-    print!("{}", report.render());
-    if !report.ok() {
-        bail!("verify found violations");
-    }
-    Ok(())
+    verify::check_demo(&opts.dir).await
 }
 
 async fn wait_balance(base: &str, id: &str, want: i64) -> anyhow::Result<()> {

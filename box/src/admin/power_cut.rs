@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use tokio::process::Command;
 
 use crate::admin::run_all::{
-    bin_dir, free_port, http, spawn, wait_healthy, wait_listening, Output, Proc,
+    bin_dir, free_port, has_tool, http, run_cmd, spawn, wait_healthy, wait_listening, Output, Proc,
 };
 use edge_outbox::protocol::DEFAULT_TOPIC_PREFIX;
 
@@ -83,36 +83,12 @@ pub fn missing_prerequisites() -> Option<String> {
     if !Path::new("/dev/loop-control").exists() {
         return Some("needs loop devices (/dev/loop-control is missing)".into());
     }
-    let has = |tool: &str| {
-        std::process::Command::new("sh")
-            .args([
-                "-c",
-                &format!("command -v {tool} || test -x /sbin/{tool} || test -x /usr/sbin/{tool}"),
-            ])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
     for tool in ["mkfs.ext4", "mount", "umount"] {
-        if !has(tool) {
+        if !has_tool(tool) {
             return Some(format!("needs {tool} (apt-get install e2fsprogs mount)"));
         }
     }
     None
-}
-
-fn run_cmd(program: &str, args: &[&str]) -> anyhow::Result<()> {
-    let out = std::process::Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {program}"))?;
-    if !out.status.success() {
-        bail!(
-            "{program} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
 }
 
 /// The acknowledged requests.

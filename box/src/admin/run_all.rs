@@ -150,6 +150,34 @@ pub(crate) fn bin_dir(given: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
     }
 }
 
+/// Runs `program ARGS` to its end, failing with its error output.
+pub(crate) fn run_cmd(program: &str, args: &[&str]) -> anyhow::Result<()> {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// True when `tool` is on PATH or in /sbin or /usr/sbin (root's tools, often not on
+/// a user's PATH).
+pub(crate) fn has_tool(tool: &str) -> bool {
+    std::process::Command::new("sh")
+        .args([
+            "-c",
+            &format!("command -v {tool} || test -x /sbin/{tool} || test -x /usr/sbin/{tool}"),
+        ])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
 /// A loopback port nobody listens on now.
 pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?

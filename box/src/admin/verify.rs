@@ -29,6 +29,25 @@ pub struct Target {
     pub welcome_credit_cents: i64,
 }
 
+/// The last step of a demo: verify the box the demo ran in `dir` (both databases,
+/// the services' default names, the default welcome credit), print the report, and
+/// fail when an invariant does not hold.
+pub(crate) async fn check_demo(dir: &std::path::Path) -> anyhow::Result<()> {
+    let target = Target {
+        user_db: dir.join("user-service.db"),
+        transaction_db: dir.join("transaction-service.db"),
+        users_source: crate::contract::USER_SERVICE.into(),
+        transactions_source: crate::contract::TRANSACTION_SERVICE.into(),
+        welcome_credit_cents: 1000,
+    };
+    let report = tokio::task::spawn_blocking(move || verify(&target)).await??;
+    print!("{}", report.render());
+    if !report.ok() {
+        anyhow::bail!("verify found violations");
+    }
+    Ok(())
+}
+
 /// One invariant and whether it holds.
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {

@@ -263,3 +263,16 @@ pub fn box_command(subcommand: &str, dir: &Path) -> Command {
         .env("PATH", path);
     cmd
 }
+
+/// Runs `cmd` to its end and returns its standard output; fails the test, showing both
+/// outputs, when it exits non-zero.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
