@@ -69,6 +69,11 @@ fn the_aarch64_services_under_qemu_give_a_new_user_its_welcome_credit() {
     );
     assert_eq!(status, 201, "{user}");
     let id = user["id"].as_str().unwrap().to_owned();
+    // Drained alone can hold before transaction-service has heard of user-service's
+    // stream at all (no position, no lag): wait for the credit first.
+    wait_until("the welcome credit in transaction-service", 60, || {
+        ledger.get(&format!("/users/{id}/balance")).1["balance_cents"] == 1000
+    });
     wait_until("both aarch64 services drained", 60, || {
         drained(&users) && drained(&ledger)
     });
