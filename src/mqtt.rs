@@ -216,6 +216,7 @@ impl Link {
             clean_session: opts.clean_session,
             manual_acks: opts.manual_acks,
             filters: opts.filters,
+            packet_max: config.mqtt_packet_max_bytes(),
             status,
             backoff,
             gate: gate.clone(),
@@ -318,6 +319,8 @@ struct Subscriptions {
     asked: std::collections::VecDeque<Vec<SubscribeFilter>>,
     /// Filters to ask for again when the retry's timer fires (a task waits for it).
     retry: Option<Vec<SubscribeFilter>>,
+    /// The largest packet the client may send.
+    packet_max: usize,
 }
 
 fn lock(subs: &Mutex<Subscriptions>) -> std::sync::MutexGuard<'_, Subscriptions> {
@@ -331,12 +334,14 @@ impl Subscriptions {
         self.retry = None;
     }
 
-    /// Queues a SUBSCRIBE for `filters`; false when rumqttc's queue is full.
+    /// Queues SUBSCRIBEs for `filters`; false when rumqttc's queue is full.
     fn ask(&mut self, client: &AsyncClient, filters: Vec<SubscribeFilter>) -> bool {
-        if client.try_subscribe_many(filters.clone()).is_err() {
-            return false;
+        for packet in subscribe_packets(filters, self.packet_max) {
+            if client.try_subscribe_many(packet.clone()).is_err() {
+                return false;
+            }
+            self.asked.push_back(packet);
         }
-        self.asked.push_back(filters);
         true
     }
 
@@ -390,6 +395,31 @@ impl Subscriptions {
     }
 }
 
+/// `filters` in SUBSCRIBE packets of at most `packet_max` bytes each: a consumer of
+/// 10,000 streams asks for more than one packet may hold.
+fn subscribe_packets(
+    filters: Vec<SubscribeFilter>,
+    packet_max: usize,
+) -> Vec<Vec<SubscribeFilter>> {
+    // A fixed header of at most 5 bytes and a packet id; per filter its length, its
+    // topic and its options byte.
+    let budget = packet_max.saturating_sub(7);
+    let mut packets: Vec<Vec<SubscribeFilter>> = Vec::new();
+    let mut used = 0;
+    for f in filters {
+        let n = f.path.len() + 3;
+        match packets.last_mut() {
+            Some(p) if used + n <= budget => p.push(f),
+            _ => {
+                packets.push(vec![f]);
+                used = 0;
+            }
+        }
+        used += n;
+    }
+    packets
+}
+
 /// The link task's state.
 struct Driver {
     eventloop: EventLoop,
@@ -401,6 +431,8 @@ struct Driver {
     clean_session: bool,
     manual_acks: bool,
     filters: Vec<SubscribeFilter>,
+    /// The largest packet the client may send.
+    packet_max: usize,
     status: Arc<LinkStatus>,
     backoff: Backoff,
     gate: Arc<Gate>,
@@ -413,7 +445,10 @@ impl Driver {
         let mut flap_log = LogLimiter::new(Duration::from_secs(60));
         let mut sub_log = LogLimiter::new(Duration::from_secs(60));
         let mut grant_log = LogLimiter::new(Duration::from_secs(60));
-        let subs = Arc::new(Mutex::new(Subscriptions::default()));
+        let subs = Arc::new(Mutex::new(Subscriptions {
+            packet_max: self.packet_max,
+            ..Subscriptions::default()
+        }));
         let mut sub_backoff = Backoff::new(SUBSCRIBE_RETRY_MIN, SUBSCRIBE_RETRY_MAX);
         // Bumped at every CONNACK, so that a retry timed for an earlier connection
         // (whose CONNACK subscribed to everything again) does nothing.
@@ -656,5 +691,31 @@ impl Driver {
                 )
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ten_thousand_filters_go_in_packets_within_the_limit_in_order() {
+        let filters: Vec<SubscribeFilter> = (0..10_000)
+            .map(|i| {
+                SubscribeFilter::new(
+                    format!("edge-outbox/events/p/dev-{i:05}"),
+                    rumqttc::QoS::AtLeastOnce,
+                )
+            })
+            .collect();
+        let packets = subscribe_packets(filters.clone(), 1_600);
+        assert!(packets.len() > 100, "{}", packets.len());
+        for p in &packets {
+            let packet = rumqttc::Packet::Subscribe(rumqttc::Subscribe::new_many(p.clone()));
+            let mut buf = bytes::BytesMut::new();
+            packet.write(&mut buf, 1_600).expect("within the limit");
+        }
+        assert_eq!(packets.concat(), filters);
+        assert!(subscribe_packets(Vec::new(), 1_600).is_empty());
     }
 }

@@ -41,9 +41,15 @@ pub const CONTROL_STREAMS_MAX: usize = 10_000;
 pub const DEFAULT_TOPIC_PREFIX: &str = "edge-outbox";
 /// The last level of [`Topics::probe`].
 pub const PROBE_STREAM: &str = "_probe";
-/// Largest control message accepted, in bytes (a head announcement lists every stream
-/// of a producer; this bounds it to some thousands of streams).
+/// Largest control message accepted, in bytes.
 pub const CONTROL_MAX_BYTES: usize = 256 * 1024;
+/// Largest control message sent, in bytes (or `--payload-max-bytes`, if smaller): a
+/// head announcement or position report that lists more streams than fit is sent as
+/// several pages, each a complete message about some of the streams
+/// ([`HeadAnnouncement::pages`], [`PositionReport::pages`]). Well under
+/// [`CONTROL_MAX_BYTES`], so that a page from a producer with longer names or a newer
+/// field still passes.
+pub const CONTROL_PAGE_MAX_BYTES: usize = 32 * 1024;
 
 /// A source, stream or consumer name: 1-64 of `a-z 0-9 _ -`, starting with a letter or
 /// digit. Such names are safe as one MQTT topic level on every supported broker (no
@@ -266,6 +272,81 @@ impl HeadAnnouncement {
     }
 }
 
+/// Bytes of a value's JSON.
+fn json_len<T: Serialize + ?Sized>(v: &T) -> usize {
+    serde_json::to_vec(v).map_or(0, |v| v.len())
+}
+
+/// Splits `entries` into maps whose JSON takes at most `budget` bytes each (an entry
+/// larger than `budget` gets a map of its own). Never returns an empty list.
+fn paginate<V: Serialize>(entries: BTreeMap<String, V>, budget: usize) -> Vec<BTreeMap<String, V>> {
+    let mut pages = vec![BTreeMap::new()];
+    let mut used = 2; // {}
+    for (name, value) in entries {
+        let n = json_len(&name) + 1 + json_len(&value) + 1; // "name":value,
+        let page = pages.last_mut().expect("never empty");
+        if !page.is_empty() && used + n > budget {
+            pages.push(BTreeMap::new());
+            used = 2;
+        }
+        used += n;
+        pages.last_mut().expect("never empty").insert(name, value);
+    }
+    pages
+}
+
+/// What is left of `max_bytes` for the entries once `header` (a message with no
+/// entries) is counted.
+fn entries_budget<T: Serialize>(header: &T, max_bytes: usize) -> usize {
+    max_bytes.saturating_sub(json_len(header))
+}
+
+impl HeadAnnouncement {
+    /// This announcement as messages of at most `max_bytes` each (one per stream at
+    /// worst), each with the source and epochs and some of the streams; at least one.
+    /// A consumer treats each page as the announcement of the streams it lists.
+    pub fn pages(mut self, max_bytes: usize) -> Vec<HeadAnnouncement> {
+        let streams = std::mem::take(&mut self.streams);
+        let budget = entries_budget(&self, max_bytes);
+        paginate(streams, budget)
+            .into_iter()
+            .map(|streams| HeadAnnouncement {
+                streams,
+                ..self.clone()
+            })
+            .collect()
+    }
+}
+
+impl PositionReport {
+    /// This report as messages of at most `max_bytes` each (one per stream at worst);
+    /// at least one. Positions and divergences go on pages of their own. A producer
+    /// records each page's positions on their own.
+    pub fn pages(mut self, max_bytes: usize) -> Vec<PositionReport> {
+        let positions = std::mem::take(&mut self.positions);
+        let diverged = std::mem::take(&mut self.diverged);
+        let budget = entries_budget(&self, max_bytes);
+        let mut pages: Vec<PositionReport> = paginate(positions, budget)
+            .into_iter()
+            .map(|positions| PositionReport {
+                positions,
+                ..self.clone()
+            })
+            .collect();
+        if !diverged.is_empty() {
+            pages.extend(
+                paginate(diverged, budget)
+                    .into_iter()
+                    .map(|diverged| PositionReport {
+                        diverged,
+                        ..self.clone()
+                    }),
+            );
+        }
+        pages
+    }
+}
+
 /// A consumer asks a producer to publish a stream again from `from_seq` on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -413,6 +494,82 @@ pub(crate) fn parse_control<T: serde::de::DeserializeOwned>(payload: &[u8]) -> R
 mod tests {
     use super::*;
     use crate::Config;
+
+    #[test]
+    fn ten_thousand_streams_are_announced_and_reported_in_pages_within_the_limit() {
+        let name = |i: usize| format!("{i:05}-{}", "d".repeat(NAME_MAX_BYTES - 6));
+        let head = StreamHead {
+            head: SEQ_MAX - 1,
+            first: SEQ_MAX - 1,
+            last: SEQ_MAX - 1,
+            base: SEQ_MAX - 1,
+        };
+        let heads = HeadAnnouncement {
+            source: "s".repeat(NAME_MAX_BYTES),
+            epoch: Some("e".repeat(NAME_MAX_BYTES)),
+            previous: Some("p".repeat(NAME_MAX_BYTES)),
+            streams: (0..CONTROL_STREAMS_MAX).map(|i| (name(i), head)).collect(),
+        };
+        assert!(serde_json::to_vec(&heads).unwrap().len() > CONTROL_MAX_BYTES);
+        let pages = heads.clone().pages(CONTROL_PAGE_MAX_BYTES);
+        let mut seen = BTreeMap::new();
+        for page in &pages {
+            let json = serde_json::to_vec(page).unwrap();
+            assert!(json.len() <= CONTROL_PAGE_MAX_BYTES, "{} bytes", json.len());
+            let parsed: HeadAnnouncement = parse_control(&json).unwrap();
+            parsed.validate().unwrap();
+            assert_eq!(
+                (&parsed.epoch, &parsed.previous),
+                (&heads.epoch, &heads.previous)
+            );
+            seen.extend(parsed.streams);
+        }
+        assert_eq!(seen, heads.streams, "every stream on exactly one page");
+        let whole = serde_json::to_vec(&heads).unwrap().len();
+        assert!(
+            pages.len() <= whole / (CONTROL_PAGE_MAX_BYTES - 1_000) + 1,
+            "pages are full: {} pages for {whole} bytes",
+            pages.len()
+        );
+
+        let report = PositionReport {
+            consumer: "c".repeat(NAME_MAX_BYTES),
+            epoch: Some("e".repeat(NAME_MAX_BYTES)),
+            positions: (0..CONTROL_STREAMS_MAX)
+                .map(|i| (name(i), SEQ_MAX))
+                .collect(),
+            diverged: (0..3)
+                .map(|i| {
+                    (
+                        name(i),
+                        Divergence {
+                            seq: 7,
+                            applied_id: "x".repeat(128),
+                        },
+                    )
+                })
+                .collect(),
+        };
+        let pages = report.clone().pages(2_000);
+        let (mut positions, mut diverged) = (BTreeMap::new(), BTreeMap::new());
+        for page in pages {
+            let json = serde_json::to_vec(&page).unwrap();
+            assert!(json.len() <= 2_000, "{} bytes", json.len());
+            let parsed: PositionReport = parse_control(&json).unwrap();
+            parsed.validate().unwrap();
+            positions.extend(parsed.positions);
+            diverged.extend(parsed.diverged);
+        }
+        assert_eq!((positions, diverged), (report.positions, report.diverged));
+
+        // Nothing to list still makes one message.
+        let empty = PositionReport {
+            positions: BTreeMap::new(),
+            diverged: BTreeMap::new(),
+            ..report
+        };
+        assert_eq!(empty.clone().pages(CONTROL_PAGE_MAX_BYTES), vec![empty]);
+    }
 
     #[test]
     fn names_with_topic_metacharacters_are_refused() {

@@ -468,3 +468,243 @@ async fn a_large_backlog_drains_through_a_broker_that_allows_many_messages_in_fl
     relay.stop().await;
     consumer.stop().await;
 }
+
+/// A gateway with one stream per device: 10,000 streams, one consumer of all of them.
+/// Every stream is delivered; head announcements and position reports go in pages
+/// within the size limit (one message listing them all would exceed it); a tail lost
+/// by the broker on one of the 10,000 streams is found from the announcements and
+/// replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_streams_are_announced_in_pages_and_a_lost_tail_on_one_is_recovered() {
+    use edge_outbox::protocol::{self, HeadAnnouncement};
+    use edge_outbox::{Consumer, StreamKey};
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+    const STREAMS: usize = 10_000;
+    const LOST: usize = 4_242;
+    let mut broker = Broker::start_with("max_inflight_messages 1000\nmax_queued_messages 200000");
+    let p = Pair::new(&broker.url(), |c| c);
+    let stream = |i: usize| format!("dev-{i:05}");
+    let keys: Vec<StreamKey> = (0..STREAMS)
+        .map(|i| StreamKey {
+            source: "producer".into(),
+            stream: stream(i),
+        })
+        .collect();
+    let spawn_consumer = || {
+        let c = Consumer::new(
+            p.consumer_db.clone(),
+            p.consumer_cfg.clone(),
+            keys.clone(),
+            handlers(),
+        )
+        .unwrap();
+        let status = c.status();
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let token = cancel.clone();
+        let task = tokio::spawn(async move { c.run(token).await.unwrap() });
+        (Running { cancel, task }, status)
+    };
+    // (stream, item id); the ids say the stream and the sequence: stream * 1000 + seq.
+    let enqueue = |events: Vec<(usize, usize)>| {
+        let events = events
+            .into_iter()
+            .map(|(i, id)| (stream(i), serde_json::json!({ "id": id })))
+            .collect();
+        enqueue_events(&p.producer, &p.outbox, events)
+    };
+    let applied = |path: &std::path::Path| count(path, "SELECT COUNT(*) FROM effects");
+
+    // Watch the head announcements as any consumer does.
+    let mut o = MqttOptions::new(
+        format!("heads-watch-{}", std::process::id()),
+        "127.0.0.1",
+        broker.port,
+    );
+    o.set_max_packet_size(1 << 20, 1 << 20);
+    let (watcher, mut watch) = AsyncClient::new(o, 64);
+    let heads_topic = protocol::Topics::new(&p.cfg.topic_prefix).heads("producer");
+    watcher
+        .subscribe(&heads_topic, QoS::AtMostOnce)
+        .await
+        .unwrap();
+    let pages = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Vec<u8>>::new()));
+    let seen = pages.clone();
+    let watching = tokio::spawn(async move {
+        while let Ok(e) = watch.poll().await {
+            if let Event::Incoming(Packet::Publish(m)) = e {
+                seen.lock().unwrap().push(m.payload.to_vec());
+            }
+        }
+    });
+
+    let (consumer, _) = spawn_consumer();
+    tokio::time::sleep(Duration::from_secs(2)).await; // connected, 10,000 filters granted
+    let relay = p.spawn_relay();
+    enqueue((0..STREAMS).map(|i| (i, i * 1000 + 1)).collect()).await;
+    wait_for("one event on each of 10,000 streams applied", 60, || {
+        applied(&p.consumer_path()) == STREAMS as i64
+    })
+    .await;
+
+    // Every stream announced, in pages within the limit.
+    pages.lock().unwrap().clear();
+    tokio::time::sleep(Duration::from_secs(3)).await; // more than 6 intervals of 200 ms
+    let got = std::mem::take(&mut *pages.lock().unwrap());
+    let mut announced = std::collections::BTreeMap::new();
+    for page in &got {
+        assert!(
+            page.len() <= protocol::CONTROL_PAGE_MAX_BYTES,
+            "a page of {} bytes",
+            page.len()
+        );
+        let h: HeadAnnouncement = serde_json::from_slice(page).unwrap();
+        h.validate().unwrap();
+        announced.extend(h.streams);
+    }
+    assert_eq!(
+        announced.len(),
+        STREAMS,
+        "every stream announced within the sweep ({} pages)",
+        got.len()
+    );
+    assert!(announced.values().all(|h| h.head == 1));
+    // Every position reported, in pages, and recorded by the producer.
+    wait_for("the consumer's 10,000 positions recorded by the producer", 20, || {
+        count(&p.producer_path(), "SELECT COUNT(*) FROM consumer_positions WHERE consumer = 'consumer' AND position = 1")
+            == STREAMS as i64
+    })
+    .await;
+
+    // The broker loses a tail of one stream: queued for the offline consumer, then
+    // gone with the broker.
+    consumer.stop().await;
+    enqueue((2..=21).map(|seq| (LOST, LOST * 1000 + seq)).collect()).await;
+    p.wait_all_published().await;
+    broker.kill();
+    broker.launch();
+    let (consumer, status) = spawn_consumer();
+    wait_for("the lost tail of one of 10,000 streams applied", 60, || {
+        applied(&p.consumer_path()) == (STREAMS + 20) as i64
+    })
+    .await;
+    assert!(
+        status.replays_requested() >= 1,
+        "recovered through a replay"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await; // nothing more arrives
+    let effects = effects(&p.consumer_path());
+    assert_eq!(effects.len(), STREAMS + 20);
+    assert!(effects.iter().all(|e| e.1 == 1), "nothing applied twice");
+    let tail: Vec<i64> = effects
+        .iter()
+        .filter(|e| e.0 / 1000 == LOST as i64)
+        .map(|e| e.2)
+        .collect();
+    assert_eq!(
+        tail,
+        (1..=21).collect::<Vec<i64>>(),
+        "the stream applied in order"
+    );
+    relay.stop().await;
+    consumer.stop().await;
+    watching.abort();
+}
+
+/// `--retention-max-bytes`: the oldest published history goes, at any age, until the
+/// database fits; rows a known consumer still lacks and unpublished rows stay, even
+/// above the cap; the consumer's inbox history is capped too, its domain untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_beyond_the_byte_cap_is_deleted_oldest_first_and_nothing_needed_goes() {
+    use edge_outbox::storage::used_bytes;
+    const CAP: u64 = edge_outbox::config::RETENTION_MAX_BYTES_MIN;
+    let mut broker = Broker::start_with("max_inflight_messages 1000\nmax_queued_messages 200000");
+    let p = Pair::new(&broker.url(), |c| edge_outbox::Config {
+        retention_max_bytes: CAP,
+        retention_interval_ms: 300,
+        ..c
+    });
+    // Item ids: 1.. on STREAM, which the consumer consumes; negative elsewhere.
+    let enqueue = |stream: &str, n: usize, first_id: i64| {
+        let events = (0..n as i64)
+            .map(|i| {
+                let id = if stream == STREAM {
+                    first_id + i
+                } else {
+                    -first_id - i
+                };
+                let data = serde_json::json!({ "id": id, "pad": "x".repeat(2_000) });
+                (stream.to_owned(), data)
+            })
+            .collect();
+        enqueue_events(&p.producer, &p.outbox, events)
+    };
+    let used = |path: &std::path::Path| used_bytes(&inspect(path)).unwrap();
+    let seqs = |stream: &str| -> (i64, i64, i64) {
+        inspect(&p.producer_path())
+            .query_row(
+                "SELECT COUNT(*), COALESCE(MIN(seq), 0), COALESCE(MAX(seq), 0) FROM outbox WHERE stream = ?1",
+                [stream],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap()
+    };
+
+    // A consumer that has applied only 10 events of "held" holds the rest back.
+    enqueue("held", 100, 1).await;
+    p.producer
+        .writer()
+        .write(|tx| edge_outbox::outbox::record_position(tx, "slow", "held", 10))
+        .await
+        .unwrap();
+    let (consumer, _) = p.spawn_consumer();
+    tokio::time::sleep(Duration::from_millis(300)).await; // the SUBACK
+    let relay = p.spawn_relay();
+    enqueue(STREAM, 5_000, 1).await; // about 12 MB of history
+    p.wait_all_published().await;
+    wait_for("the producer's database within the cap", 30, || {
+        used(&p.producer_path()) <= CAP
+    })
+    .await;
+    let (items, first, last) = seqs(STREAM);
+    assert!(items > 0 && items < 5_000, "{items} rows of history left");
+    assert_eq!(
+        (first, last),
+        (5_000 - items + 1, 5_000),
+        "the oldest went first"
+    );
+    assert_eq!(
+        seqs("held"),
+        (90, 11, 100),
+        "what a known consumer lacks stays"
+    );
+
+    wait_for("every event applied", 30, || {
+        count(&p.consumer_path(), "SELECT COUNT(*) FROM effects") == 5_000
+    })
+    .await;
+    wait_for("the consumer's database within the cap", 30, || {
+        used(&p.consumer_path()) <= CAP
+    })
+    .await;
+    let inbox = count(&p.consumer_path(), "SELECT COUNT(*) FROM inbox");
+    assert!(inbox < 5_000, "the oldest inbox records went: {inbox} left");
+    assert_exactly_once_in_order(&p.consumer_path(), 5_000);
+
+    // The broker away: what is written now is unpublished and stays, above the cap.
+    broker.kill();
+    let before = seqs(STREAM).0;
+    enqueue("late", 1_000, 10_000).await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await; // several retention passes
+    assert_eq!(p.pending(), 1_000, "nothing unpublished is deleted");
+    assert!(
+        used(&p.producer_path()) > CAP,
+        "the cap does not drop what is needed"
+    );
+    assert!(
+        seqs(STREAM).0 <= before,
+        "published history may still go meanwhile"
+    );
+    relay.stop().await;
+    consumer.stop().await;
+}

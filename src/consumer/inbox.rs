@@ -811,3 +811,14 @@ pub(crate) fn prune(tx: &Transaction, retention_ms: u64, limit: usize) -> Result
     )?;
     Ok(inbox + dead + changes)
 }
+
+/// Retention at `--retention-max-bytes`: deletes the `limit` oldest records of applied
+/// events, at any age. Dead letters stay (they are events not applied).
+pub(crate) fn prune_oldest(tx: &Transaction, limit: usize) -> Result<usize, DbError> {
+    Ok(tx
+        .prepare_cached(
+            "DELETE FROM inbox WHERE rowid IN (
+                 SELECT rowid FROM inbox WHERE outcome = 'applied' ORDER BY applied_at_ms LIMIT ?1)",
+        )?
+        .execute([limit as i64])?)
+}

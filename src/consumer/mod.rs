@@ -397,6 +397,7 @@ impl Consumer {
             gaps: HashMap::new(),
             diverged: HashMap::new(),
             epoch_changed_at: HashMap::new(),
+            rewound: BTreeMap::new(),
             report_due: false,
             dead_log: LogLimiter::new(Duration::from_secs(10)),
             epoch_log: LogLimiter::new(Duration::from_secs(60)),
@@ -416,6 +417,7 @@ impl Consumer {
             t.set_missed_tick_behavior(MissedTickBehavior::Delay);
         }
         let mut batch = Vec::with_capacity(cfg.consumer_batch_max);
+        let mut retention: Option<tokio::task::JoinHandle<()>> = None;
         let mut conn_log = LogLimiter::new(Duration::from_secs(60));
         loop {
             tokio::select! {
@@ -471,18 +473,21 @@ impl Consumer {
                 }
                 _ = report_tick.tick() => p.report_positions(),
                 _ = retention_tick.tick() => {
-                    let keep_ms = cfg.retention_ms;
-                    let r = self.db.writer().write(move |t| inbox::prune(t, keep_ms, PRUNE_BATCH_ROWS)).await;
-                    match r {
-                        Ok(n) if n > 0 => tracing::info!(rows = n, "retention deleted old inbox records and dead letters"),
-                        Ok(_) => {}
-                        Err(e) => tracing::warn!(error = %e, "inbox retention failed; will try again"),
+                    // In a task of its own: deleting a million rows takes seconds, and
+                    // events keep being applied meanwhile.
+                    if retention.as_ref().is_none_or(|r| r.is_finished()) {
+                        let writer = self.db.writer().clone();
+                        let (keep_ms, max_bytes) = (cfg.retention_ms, cfg.retention_max_bytes);
+                        retention = Some(tokio::spawn(prune_all(writer, keep_ms, max_bytes)));
                     }
                 }
             }
         }
 
         tracing::info!("consumer stopping");
+        if let Some(r) = retention {
+            r.abort(); // a pass cut short is taken up at the next start
+        }
         // Send the acks of what was committed. Messages still in the channel are not
         // applied and not acknowledged (the broker redelivers them); dropping them
         // keeps the poller, which sends the acks, from waiting on this task.
@@ -528,8 +533,12 @@ struct Processor<'a> {
     /// Streams in which the producer's numbering went back, until it begins a new
     /// epoch: `(seq, id applied there)`, sent with the position reports.
     diverged: HashMap<StreamKey, (u64, String)>,
-    /// When each producer's epoch change was last followed (one entry per source).
-    epoch_changed_at: HashMap<String, Instant>,
+    /// When each producer's epoch change was last followed, and to which epoch (one
+    /// entry per source): the later pages of that announcement follow it too.
+    epoch_changed_at: HashMap<String, (Instant, String)>,
+    /// Streams whose producer announces fewer events than this consumer applied in
+    /// its epoch, and why ([`ConsumerStatus::producer_rewound`]).
+    rewound: BTreeMap<StreamKey, String>,
     /// A divergence was found: report at once rather than at the next tick.
     report_due: bool,
     dead_log: LogLimiter,
@@ -787,10 +796,12 @@ impl Processor<'_> {
                 };
                 self.epochs.get(&key).and_then(|e| e.as_deref()) != Some(announced)
             });
+            // A change to the epoch last followed is the rest of that change (an
+            // announcement comes in pages), not another one.
             let recent = self
                 .epoch_changed_at
                 .get(&heads.source)
-                .is_some_and(|t| t.elapsed() < EPOCH_CHANGE_MIN_INTERVAL);
+                .is_some_and(|(t, to)| t.elapsed() < EPOCH_CHANGE_MIN_INTERVAL && to != announced);
             if follow && recent {
                 // A producer changes epochs once per restore: announcements that flip
                 // faster are not followed (each change costs a replay and a record).
@@ -817,12 +828,15 @@ impl Processor<'_> {
                 continue;
             }
             if heads.epoch.is_some() && heads.epoch == followed && head.last < position {
-                rewound = Some(format!(
+                let why = format!(
                     "{key}: position {position} in the producer's epoch, which announces only {} events",
                     head.last
-                ));
+                );
+                self.rewound.insert(key, why.clone());
+                rewound = Some(why);
                 continue;
             }
+            self.rewound.remove(&key);
             if head.first > position + 1 {
                 self.skip_unrecoverable(key.clone(), head.first).await;
             }
@@ -840,7 +854,7 @@ impl Processor<'_> {
             }
         }
         if let Ok(mut r) = self.consumer.status.producer_rewound.lock() {
-            *r = rewound;
+            *r = self.rewound.values().next().cloned();
         }
         self.forget_closed_gaps();
         self.publish_status();
@@ -898,7 +912,7 @@ impl Processor<'_> {
                 inbox::EpochFollow::Changed(c) => {
                     status.epoch_changes.fetch_add(1, Ordering::Relaxed);
                     self.epoch_changed_at
-                        .insert(c.key.source.clone(), Instant::now());
+                        .insert(c.key.source.clone(), (Instant::now(), c.to_epoch.clone()));
                     let (stream, from, to) = (&c.key, &c.from_epoch, &c.to_epoch);
                     match c.orphaned {
                         Some((first, last)) => {
@@ -1039,17 +1053,22 @@ impl Processor<'_> {
                 positions,
                 diverged,
             };
-            let payload = serde_json::to_vec(&report).expect("position reports serialise");
             let topic = self
                 .consumer
                 .ctx
                 .topics
                 .positions(source, self.consumer.name());
-            if let Err(e) = self
-                .client
-                .try_publish(topic, QoS::AtLeastOnce, true, payload)
-            {
-                tracing::debug!(error = %e, "could not queue a position report; will send the next one");
+            let page_max =
+                (self.consumer.config.payload_max_bytes).min(protocol::CONTROL_PAGE_MAX_BYTES);
+            for page in report.pages(page_max) {
+                let payload = serde_json::to_vec(&page).expect("position reports serialise");
+                if let Err(e) =
+                    self.client
+                        .try_publish(topic.clone(), QoS::AtLeastOnce, true, payload)
+                {
+                    tracing::debug!(error = %e, "could not queue a position report; will send the next one");
+                    break;
+                }
             }
         }
     }
@@ -1073,6 +1092,49 @@ impl Processor<'_> {
         if let Ok(mut s) = self.consumer.status.streams.lock() {
             *s = progress;
         }
+    }
+}
+
+/// Retention on the consumer side, in batches of [`PRUNE_BATCH_ROWS`]: by age, then by
+/// `--retention-max-bytes`. Logs what it did.
+async fn prune_all(writer: crate::storage::Writer, keep_ms: u64, max_bytes: u64) {
+    let mut aged = 0;
+    loop {
+        match writer
+            .write(move |t| inbox::prune(t, keep_ms, PRUNE_BATCH_ROWS))
+            .await
+        {
+            Ok(n) => {
+                aged += n;
+                if n < PRUNE_BATCH_ROWS {
+                    break;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "inbox retention failed; will try again");
+                return;
+            }
+        }
+        tokio::task::yield_now().await;
+    }
+    if aged > 0 {
+        tracing::info!(
+            rows = aged,
+            "retention deleted old inbox records and dead letters"
+        );
+    }
+    match crate::storage::prune_to_fit(&writer, max_bytes, PRUNE_BATCH_ROWS, inbox::prune_oldest)
+        .await
+    {
+        Ok((capped, over)) => {
+            if capped > 0 {
+                tracing::info!(rows = capped, max_bytes, "retention deleted the oldest inbox records to keep the database within --retention-max-bytes");
+            }
+            if let Some(used) = over {
+                tracing::warn!(used_bytes = used, max_bytes, "the database is above --retention-max-bytes and holds no more inbox history that may be deleted: the rest is dead letters, outbox history or domain data");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "inbox retention failed; will try again"),
     }
 }
 

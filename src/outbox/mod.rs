@@ -696,7 +696,26 @@ pub fn prune(
     consumer_expiry_ms: u64,
     limit: usize,
 ) -> Result<usize, DbError> {
-    let now = now_ms();
+    let before = now_ms().saturating_sub(retention_ms as i64);
+    prune_before(tx, before, consumer_expiry_ms, limit)
+}
+
+/// Retention at `--retention-max-bytes`: deletes the oldest `limit` rows that
+/// [`prune`] would delete at any age.
+pub fn prune_oldest(
+    tx: &Transaction,
+    consumer_expiry_ms: u64,
+    limit: usize,
+) -> Result<usize, DbError> {
+    prune_before(tx, i64::MAX, consumer_expiry_ms, limit)
+}
+
+fn prune_before(
+    tx: &Transaction,
+    created_before_ms: i64,
+    consumer_expiry_ms: u64,
+    limit: usize,
+) -> Result<usize, DbError> {
     let n = tx
         .prepare_cached(
             "DELETE FROM outbox WHERE id IN (
@@ -709,8 +728,8 @@ pub fn prune(
                  ORDER BY o.id LIMIT ?3)",
         )?
         .execute(params![
-            now.saturating_sub(retention_ms as i64),
-            now.saturating_sub(consumer_expiry_ms as i64),
+            created_before_ms,
+            now_ms().saturating_sub(consumer_expiry_ms as i64),
             limit as i64
         ])?;
     Ok(n)

@@ -24,6 +24,7 @@
 //!   topics at the same interval, and reports when one does not come back.
 
 mod correlation;
+mod heads;
 pub mod probe;
 
 use correlation::Correlator;
@@ -66,6 +67,8 @@ const REPORT_FLUSH_INTERVAL: Duration = Duration::from_millis(250);
 /// not already waiting that would go beyond is dropped (it reports again an interval
 /// later). Bounds memory under a flood of reports naming made-up consumers.
 const REPORTS_PENDING_MAX_BYTES: usize = 4 << 20;
+/// Head announcement pages that rumqttc's queue holds room for, beside the events.
+const HEADS_PAGES_QUEUED: usize = 64;
 /// Replay requests served per consumer per [`REPLAY_WINDOW`] at most.
 const REPLAYS_PER_CONSUMER_MAX: u32 = 60;
 const REPLAY_WINDOW: Duration = Duration::from_secs(60);
@@ -206,7 +209,7 @@ enum Side {
         from_seq: u64,
         result: Result<usize, DbError>,
     },
-    Pruned(Result<usize, DbError>),
+    Pruned(Result<(usize, usize, Option<u64>), DbError>),
     Reported(Result<Vec<(String, outbox::ReportOutcome)>, DbError>),
 }
 
@@ -255,6 +258,8 @@ struct State {
     reports_bytes: usize,
     /// A write of reports is under way.
     reports_writing: bool,
+    /// Which streams the next head announcement lists.
+    announcer: heads::Announcer,
 }
 
 impl State {
@@ -280,6 +285,7 @@ impl State {
             reports: HashMap::new(),
             reports_bytes: 0,
             reports_writing: false,
+            announcer: heads::Announcer::default(),
         }
     }
 
@@ -414,6 +420,7 @@ impl Relay {
         let positions_filter = self.topics.positions_all(source);
         let positions_prefix = positions_filter.trim_end_matches('+').to_owned();
         let heads_topic = self.topics.heads(source);
+        let page_max = cfg.payload_max_bytes.min(protocol::CONTROL_PAGE_MAX_BYTES);
         let probe_topic = self.topics.probe(source);
         let filters = vec![
             rumqttc::SubscribeFilter::new(replay_filter.clone(), QoS::AtLeastOnce),
@@ -427,7 +434,8 @@ impl Relay {
                 role: "relay",
                 clean_session: true,
                 manual_acks: false,
-                request_capacity: window * 2 + 16,
+                // Room for a burst of head announcement pages beside the window.
+                request_capacity: window * 2 + 16 + HEADS_PAGES_QUEUED,
                 filters,
             },
             self.status.link.clone(),
@@ -530,6 +538,7 @@ impl Relay {
                         self.status.connect_refused.store(false, Ordering::Relaxed);
                         conn_log.reset();
                         st.rewind();
+                        st.announcer.reset();
                         heads_tick.reset_immediately();
                     }
                     Some(Polled::Event(Event::Outgoing(Outgoing::Publish(pkid)))) => {
@@ -674,9 +683,9 @@ impl Relay {
                 }
                 _ = retention_tick.tick(), if drain_deadline.is_none() => {
                     let (tx, writer) = (side_tx.clone(), self.db.writer().clone());
-                    let (keep_ms, expiry_ms) = (cfg.retention_ms, cfg.consumer_expiry_ms);
+                    let (keep_ms, expiry_ms, max_bytes) = (cfg.retention_ms, cfg.consumer_expiry_ms, cfg.retention_max_bytes);
                     tokio::spawn(async move {
-                        let result = prune_all(&writer, keep_ms, expiry_ms).await;
+                        let result = prune_all(&writer, keep_ms, expiry_ms, max_bytes).await;
                         let _ = tx.send(Side::Pruned(result)).await;
                     });
                 }
@@ -692,8 +701,14 @@ impl Relay {
                             self.status.epoch.set(Some(epoch.clone()));
                         }
                         if st.connected && !msg.streams.is_empty() {
-                            let payload = serde_json::to_vec(&msg).expect("head announcements serialise");
-                            control_publish(&client, &link.gate, &mut st, &heads_topic, true, payload);
+                            let listed = st.announcer.select(msg);
+                            for page in listed.pages(page_max) {
+                                let payload = serde_json::to_vec(&page).expect("head announcements serialise");
+                                if !control_publish(&client, &link.gate, &mut st, &heads_topic, true, payload) {
+                                    break; // listed again at the next interval
+                                }
+                                st.announcer.sent(&page);
+                            }
                         }
                     }
                     Side::Replayed { stream, from_seq, result: Ok(rows) } => {
@@ -703,9 +718,15 @@ impl Relay {
                             st.rewind_replays();
                         }
                     }
-                    Side::Pruned(Ok(rows)) => {
-                        if rows > 0 {
-                            tracing::info!(rows, "retention deleted old published outbox rows");
+                    Side::Pruned(Ok((aged, capped, over))) => {
+                        if aged > 0 {
+                            tracing::info!(rows = aged, "retention deleted old published outbox rows");
+                        }
+                        if capped > 0 {
+                            tracing::info!(rows = capped, max_bytes = cfg.retention_max_bytes, "retention deleted the oldest published outbox rows to keep the database within --retention-max-bytes");
+                        }
+                        if let Some(used) = over {
+                            tracing::warn!(used_bytes = used, max_bytes = cfg.retention_max_bytes, "the database is above --retention-max-bytes and holds no more outbox history that may be deleted: the rest is unpublished, not yet applied by a known consumer, inbox history or domain data");
                         }
                     }
                     Side::Reported(Ok(outcomes)) => {
@@ -937,9 +958,14 @@ impl Relay {
         }
         // The latest report of each consumer waits for the next write (every
         // REPORT_FLUSH_INTERVAL): a burst costs one transaction, and a flood of
-        // reports from made-up consumers is bounded in bytes.
-        let size = payload.len();
-        let waiting = st.reports.get(consumer).map_or(0, |(_, _, n)| *n);
+        // reports from made-up consumers is bounded in bytes. A consumer of many
+        // streams reports in pages: a page joins the one waiting in the same epoch.
+        let live = !retained;
+        let (merge, waiting) = match st.reports.get(consumer) {
+            Some((w, w_live, n)) => (*w_live == live && w.epoch == report.epoch, *n),
+            None => (false, 0),
+        };
+        let size = payload.len() + if merge { waiting } else { 0 };
         if st.reports_bytes - waiting + size > REPORTS_PENDING_MAX_BYTES {
             self.input_warning(
                 "dropping a position report: too many waiting to be written",
@@ -948,8 +974,16 @@ impl Relay {
             return;
         }
         st.reports_bytes = st.reports_bytes - waiting + size;
-        st.reports
-            .insert(consumer.to_owned(), (report, !retained, size));
+        match st.reports.get_mut(consumer) {
+            Some((w, _, n)) if merge => {
+                w.positions.extend(report.positions);
+                w.diverged.extend(report.diverged);
+                *n = size;
+            }
+            _ => {
+                st.reports.insert(consumer.to_owned(), (report, live, size));
+            }
+        }
     }
 }
 
@@ -979,12 +1013,14 @@ fn control_publish(
 }
 
 /// Retention, in batches of [`PRUNE_BATCH_ROWS`] so that it never holds the writer
-/// for long. Returns how many rows it deleted.
+/// for long: by age, then by `--retention-max-bytes`. Returns the rows it deleted by
+/// age and by size, and the used bytes if still above the cap.
 async fn prune_all(
     writer: &crate::storage::writer::Writer,
     retention_ms: u64,
     expiry_ms: u64,
-) -> Result<usize, DbError> {
+    max_bytes: u64,
+) -> Result<(usize, usize, Option<u64>), DbError> {
     writer
         .write(move |t| outbox::forget_expired_consumers(t, expiry_ms))
         .await?;
@@ -995,9 +1031,16 @@ async fn prune_all(
             .await?;
         total += n;
         if n < PRUNE_BATCH_ROWS {
-            return Ok(total);
+            break;
         }
+        tokio::task::yield_now().await;
     }
+    let (capped, over) =
+        crate::storage::prune_to_fit(writer, max_bytes, PRUNE_BATCH_ROWS, move |t, limit| {
+            outbox::prune_oldest(t, expiry_ms, limit)
+        })
+        .await?;
+    Ok((total, capped, over))
 }
 
 #[cfg(test)]

@@ -221,6 +221,67 @@ impl Database {
     }
 }
 
+/// Bytes of the database's pages in use (its size less its free pages), as
+/// `--retention-max-bytes` counts them.
+pub fn used_bytes(conn: &Connection) -> Result<u64, DbError> {
+    let pragma = |name: &str| -> Result<i64, DbError> {
+        Ok(conn.pragma_query_value(None, name, |r| r.get(0))?)
+    };
+    let pages = pragma("page_count")? - pragma("freelist_count")?;
+    Ok((pages.max(0) as u64) * pragma("page_size")? as u64)
+}
+
+/// Retention at `--retention-max-bytes`: while the database's used bytes exceed
+/// `max_bytes`, runs `delete_oldest(tx, limit)` (deletes up to `limit` rows of the
+/// oldest history, returns how many) in a write of its own, at most `batch_max` rows
+/// at a time and about as many as the excess takes, so that it stops near the cap.
+/// Returns the rows deleted, and the used bytes when they are still above the cap with
+/// nothing left that may be deleted.
+pub(crate) async fn prune_to_fit<F>(
+    writer: &Writer,
+    max_bytes: u64,
+    batch_max: usize,
+    delete_oldest: F,
+) -> Result<(usize, Option<u64>), DbError>
+where
+    F: Fn(&rusqlite::Transaction, usize) -> Result<usize, DbError> + Clone + Send + 'static,
+{
+    let mut total = 0;
+    if max_bytes == 0 {
+        return Ok((0, None));
+    }
+    let mut limit = 64.min(batch_max);
+    loop {
+        let delete = delete_oldest.clone();
+        let batch = writer
+            .write(move |t| {
+                let used = used_bytes(t)?;
+                if used <= max_bytes {
+                    return Ok::<_, DbError>(None);
+                }
+                let n = delete(t, limit)?;
+                Ok(Some((n, used, used_bytes(t)?)))
+            })
+            .await?;
+        let Some((n, before, after)) = batch else {
+            return Ok((total, None));
+        };
+        if n == 0 {
+            return Ok((total, Some(before)));
+        }
+        total += n;
+        // Pages come free only once empty: a batch may free none, the next many.
+        let freed_per_row = before.saturating_sub(after) / n as u64;
+        limit = match freed_per_row {
+            0 => limit.saturating_mul(2),
+            per_row => (after.saturating_sub(max_bytes) / per_row + 1) as usize,
+        }
+        .clamp(1, batch_max);
+        // Writes waiting for the writer go first.
+        tokio::task::yield_now().await;
+    }
+}
+
 /// Prepared statements kept per connection: more than any connection here uses.
 const STATEMENT_CACHE_CAPACITY: usize = 64;
 

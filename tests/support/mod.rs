@@ -289,6 +289,34 @@ pub async fn create_items(db: &Database, outbox: &Outbox, prefix: &str, n: usize
     }
 }
 
+/// Enqueues `item.created` events, (stream, data) each, 500 to a transaction.
+pub async fn enqueue_events(
+    db: &Database,
+    outbox: &Outbox,
+    events: Vec<(String, serde_json::Value)>,
+) {
+    for chunk in events.chunks(500) {
+        let (o, chunk) = (outbox.clone(), chunk.to_vec());
+        db.writer()
+            .write(move |tx| {
+                for (stream, data) in &chunk {
+                    o.enqueue(
+                        tx,
+                        NewEvent {
+                            stream,
+                            event_type: "item.created",
+                            subject: None,
+                            data,
+                        },
+                    )?;
+                }
+                Ok::<_, edge_outbox::outbox::OutboxError>(())
+            })
+            .await
+            .unwrap();
+    }
+}
+
 /// The consumer's handler: counts each item's effects and notes the order applied.
 pub fn handlers() -> Handlers {
     Handlers::new().on("item.created", |tx, event| {
