@@ -155,7 +155,9 @@ pub struct Config {
     pub reconnect_backoff_min_ms: u64,
 
     /// Longest wait between reconnection attempts (the backoff doubles up to this).
-    #[arg(long, env = "RECONNECT_BACKOFF_MAX_MS", default_value_t = 10_000)]
+    /// Also how long a broker that comes back may wait for the services: an attempt
+    /// on the box's loopback costs next to nothing.
+    #[arg(long, env = "RECONNECT_BACKOFF_MAX_MS", default_value_t = 1_000)]
     pub reconnect_backoff_max_ms: u64,
 
     /// MQTT keep-alive; a dead connection (e.g. packets silently dropped) is noticed

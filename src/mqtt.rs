@@ -519,7 +519,16 @@ impl Driver {
                                 } else {
                                     Vec::new()
                                 };
-                            if refused.is_empty() {
+                            // Only once no packet of the subscriptions is left
+                            // unanswered or refused: one granted packet says nothing
+                            // of another.
+                            let settled = {
+                                let s = lock(&subs);
+                                s.asked.is_empty() && s.retry.is_none()
+                            };
+                            if refused.is_empty() && !settled {
+                                // wait for the rest
+                            } else if refused.is_empty() {
                                 if self.status.subscription_refused.get().is_some() {
                                     if let Some(suppressed) = grant_log.allow() {
                                         tracing::info!(

@@ -334,6 +334,8 @@ impl PositionReport {
             })
             .collect();
         if !diverged.is_empty() {
+            // The header counted `"positions":{}`; these pages carry `"diverged":` too.
+            let budget = budget.saturating_sub(r#","diverged":"#.len());
             pages.extend(
                 paginate(diverged, budget)
                     .into_iter()
@@ -538,12 +540,12 @@ mod tests {
             positions: (0..CONTROL_STREAMS_MAX)
                 .map(|i| (name(i), SEQ_MAX))
                 .collect(),
-            diverged: (0..3)
+            diverged: (0..30)
                 .map(|i| {
                     (
                         name(i),
                         Divergence {
-                            seq: 7,
+                            seq: SEQ_MAX,
                             applied_id: "x".repeat(128),
                         },
                     )

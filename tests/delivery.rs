@@ -611,17 +611,21 @@ async fn ten_thousand_streams_are_announced_in_pages_and_a_lost_tail_on_one_is_r
     watching.abort();
 }
 
-/// `--retention-max-bytes`: the oldest published history goes, at any age, until the
-/// database fits; rows a known consumer still lacks and unpublished rows stay, even
-/// above the cap; the consumer's inbox history is capped too, its domain untouched.
+/// `--retention-max-bytes`: the oldest published history goes, before its
+/// --retention-ms, until the database fits; rows a known consumer still lacks, rows
+/// younger than an hour and unpublished rows stay, even above the cap; the consumer's
+/// inbox records go too, but not those of the last half of --retention-ms, and never
+/// its domain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_beyond_the_byte_cap_is_deleted_oldest_first_and_nothing_needed_goes() {
     use edge_outbox::storage::used_bytes;
     const CAP: u64 = edge_outbox::config::RETENTION_MAX_BYTES_MIN;
+    const HOUR: i64 = 3_600_000;
     let mut broker = Broker::start_with("max_inflight_messages 1000\nmax_queued_messages 200000");
     let p = Pair::new(&broker.url(), |c| edge_outbox::Config {
         retention_max_bytes: CAP,
         retention_interval_ms: 300,
+        retention_ms: 2 * HOUR as u64,
         ..c
     });
     // Item ids: 1.. on STREAM, which the consumer consumes; negative elsewhere.
@@ -649,6 +653,11 @@ async fn history_beyond_the_byte_cap_is_deleted_oldest_first_and_nothing_needed_
             )
             .unwrap()
     };
+    // 90 minutes older: beyond the cap's hour and the inbox's half of --retention-ms,
+    // within --retention-ms (the time rule deletes none of it).
+    let age = |path: &std::path::Path, sql: &str| {
+        inspect(path).execute(sql, [HOUR * 3 / 2]).unwrap();
+    };
 
     // A consumer that has applied only 10 events of "held" holds the rest back.
     enqueue("held", 100, 1).await;
@@ -662,6 +671,29 @@ async fn history_beyond_the_byte_cap_is_deleted_oldest_first_and_nothing_needed_
     let relay = p.spawn_relay();
     enqueue(STREAM, 5_000, 1).await; // about 12 MB of history
     p.wait_all_published().await;
+    wait_for("every event applied", 30, || {
+        count(&p.consumer_path(), "SELECT COUNT(*) FROM effects") == 5_000
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1_000)).await; // passes: nothing young goes
+    assert_eq!(
+        seqs(STREAM).0,
+        5_000,
+        "no row younger than an hour is deleted for the cap"
+    );
+    assert_eq!(
+        count(&p.consumer_path(), "SELECT COUNT(*) FROM inbox"),
+        5_000
+    );
+
+    age(
+        &p.producer_path(),
+        "UPDATE outbox SET created_at_ms = created_at_ms - ?1",
+    );
+    age(
+        &p.consumer_path(),
+        "UPDATE inbox SET applied_at_ms = applied_at_ms - ?1",
+    );
     wait_for("the producer's database within the cap", 30, || {
         used(&p.producer_path()) <= CAP
     })
@@ -678,11 +710,6 @@ async fn history_beyond_the_byte_cap_is_deleted_oldest_first_and_nothing_needed_
         (90, 11, 100),
         "what a known consumer lacks stays"
     );
-
-    wait_for("every event applied", 30, || {
-        count(&p.consumer_path(), "SELECT COUNT(*) FROM effects") == 5_000
-    })
-    .await;
     wait_for("the consumer's database within the cap", 30, || {
         used(&p.consumer_path()) <= CAP
     })
@@ -691,20 +718,23 @@ async fn history_beyond_the_byte_cap_is_deleted_oldest_first_and_nothing_needed_
     assert!(inbox < 5_000, "the oldest inbox records went: {inbox} left");
     assert_exactly_once_in_order(&p.consumer_path(), 5_000);
 
-    // The broker away: what is written now is unpublished and stays, above the cap.
+    // Young history above the cap stays, and so does what is unpublished.
+    enqueue(STREAM, 1_000, 5_001).await;
+    p.wait_all_published().await;
     broker.kill();
-    let before = seqs(STREAM).0;
     enqueue("late", 1_000, 10_000).await;
     tokio::time::sleep(Duration::from_millis(1_500)).await; // several retention passes
     assert_eq!(p.pending(), 1_000, "nothing unpublished is deleted");
-    assert!(
-        used(&p.producer_path()) > CAP,
-        "the cap does not drop what is needed"
+    let young = count(
+        &p.producer_path(),
+        "SELECT COUNT(*) FROM outbox WHERE stream = 'items' AND seq > 5000",
     );
-    assert!(
-        seqs(STREAM).0 <= before,
-        "published history may still go meanwhile"
+    assert_eq!(
+        young, 1_000,
+        "no row younger than an hour is deleted, even above the cap"
     );
+    assert!(used(&p.producer_path()) > CAP);
+    assert!(seqs(STREAM).1 > first, "the older rows went first");
     relay.stop().await;
     consumer.stop().await;
 }

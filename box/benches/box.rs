@@ -11,6 +11,8 @@
 #[path = "../../tests/support/mod.rs"]
 mod support;
 
+mod scale;
+
 use std::collections::HashMap;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -30,7 +32,8 @@ fn event_data(i: usize) -> Value {
 }
 
 struct Plan {
-    full: bool,
+    /// "quick", "full" or "scale".
+    mode: &'static str,
     runs: usize,
     events: usize,
     http_requests: usize,
@@ -57,10 +60,14 @@ impl Figure {
 }
 
 fn main() {
-    let full = std::env::var("BENCH").is_ok_and(|v| v == "full");
+    let mode = std::env::var("BENCH").unwrap_or_default();
+    if mode == "scale" {
+        return main_scale();
+    }
+    let full = mode == "full";
     let plan = if full {
         Plan {
-            full,
+            mode: "full",
             runs: 5,
             events: 100_000,
             http_requests: 40_000,
@@ -69,7 +76,7 @@ fn main() {
         }
     } else {
         Plan {
-            full,
+            mode: "quick",
             runs: 3,
             events: 30_000,
             http_requests: 12_000,
@@ -261,7 +268,39 @@ fn main() {
     println!(
         "\nbench: done in {:.0} s ({} mode)",
         started.elapsed().as_secs_f64(),
-        if plan.full { "full" } else { "quick" }
+        plan.mode
+    );
+}
+
+/// `BENCH=scale`: the figures of the scale module, with the setup printed first.
+fn main_scale() {
+    edge_box::service::init_tracing(edge_box::service::LogFormat::Text);
+    let started = Instant::now();
+    let broker = Broker::start_with(&repo_broker_settings());
+    let dir = tempfile::tempdir().unwrap();
+    let plan = Plan {
+        mode: "scale",
+        runs: 2,
+        events: 0,
+        http_requests: 19_200,
+        http_requests_fsync_bound: 0,
+        latency_secs: 0,
+    };
+    print_setup(&plan, &broker);
+    let scale = scale::Scale::from_env();
+    scale.print();
+    // BENCH_ONLY=backlog,history,streams,disk runs only those figures.
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let want = |f: &str| only.is_empty() || only.split(',').any(|o| o == f);
+    let (mut rows, mut notes) = (Vec::new(), Vec::new());
+    scale::run(&scale, &broker, dir.path(), &want, &mut rows, &mut notes);
+    println!("\n{}", render(&rows));
+    for note in &notes {
+        println!("{note}\n");
+    }
+    println!(
+        "bench: done in {:.0} s (scale mode)",
+        started.elapsed().as_secs_f64()
     );
 }
 
@@ -337,10 +376,7 @@ fn print_setup(plan: &Plan, broker: &Broker) {
     println!("bench setup:");
     println!(
         "  mode: {} ({} runs per figure, {} events per drain, {} requests per HTTP run)",
-        if plan.full { "full" } else { "quick" },
-        plan.runs,
-        plan.events,
-        plan.http_requests
+        plan.mode, plan.runs, plan.events, plan.http_requests
     );
     println!(
         "  machine: {} cores; broker: {mosquitto} on {}",
@@ -718,17 +754,38 @@ struct Services {
     children: Vec<Child>,
     pids: Vec<u32>,
     users: String,
+    users_db: PathBuf,
     ledger_db: PathBuf,
+    /// Spawn -> listening, per service.
+    startup: Vec<Duration>,
     ledger: String,
     logs: Vec<PathBuf>,
 }
 
 impl Services {
     fn start(broker: &Broker, dir: &Path, tag: &str, extra: &[&str]) -> Services {
+        Services::start_on(&broker.url(), dir, tag, extra)
+    }
+
+    /// [`Services::start`] on the broker at `broker_url` (e.g. through a proxy).
+    fn start_on(broker_url: &str, dir: &Path, tag: &str, extra: &[&str]) -> Services {
+        let log = std::env::var("BENCH_SERVICE_LOG").unwrap_or_else(|_| "warn".into());
+        Services::start_logged(broker_url, dir, tag, extra, &log)
+    }
+
+    /// [`Services::start_on`], logging what `rust_log` (RUST_LOG) asks for.
+    fn start_logged(
+        broker_url: &str,
+        dir: &Path,
+        tag: &str,
+        extra: &[&str],
+        rust_log: &str,
+    ) -> Services {
         let prefix = format!("bench-{}-{tag}", std::process::id());
         let mut children = Vec::new();
         let mut bases = Vec::new();
         let mut logs = Vec::new();
+        let mut startup = Vec::new();
         for (name, exe) in [
             ("user-service", env!("CARGO_BIN_EXE_user-service")),
             (
@@ -737,6 +794,7 @@ impl Services {
             ),
         ] {
             let port = free_port();
+            let spawned = Instant::now();
             let child = Command::new(exe)
                 .args([
                     "--db",
@@ -746,7 +804,7 @@ impl Services {
                     "--listen",
                     &format!("127.0.0.1:{port}"),
                     "--broker",
-                    &broker.url(),
+                    broker_url,
                     "--topic-prefix",
                     &prefix,
                 ])
@@ -754,10 +812,7 @@ impl Services {
                 .args(extra)
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(dir.join(format!("{tag}-{name}.log"))).unwrap())
-                .env(
-                    "RUST_LOG",
-                    std::env::var("BENCH_SERVICE_LOG").unwrap_or_else(|_| "warn".into()),
-                )
+                .env("RUST_LOG", rust_log)
                 .spawn()
                 .unwrap();
             children.push(child);
@@ -765,8 +820,9 @@ impl Services {
             let deadline = Instant::now() + Duration::from_secs(20);
             while TcpStream::connect(("127.0.0.1", port)).is_err() {
                 assert!(Instant::now() < deadline, "{name} did not listen");
-                std::thread::sleep(Duration::from_millis(20));
+                std::thread::sleep(Duration::from_millis(2));
             }
+            startup.push(spawned.elapsed());
             bases.push(format!("http://127.0.0.1:{port}"));
         }
         let pids = children.iter().map(Child::id).collect();
@@ -775,7 +831,9 @@ impl Services {
             pids,
             users: bases[0].clone(),
             ledger: bases[1].clone(),
+            users_db: dir.join(format!("{tag}-user-service.db")),
             ledger_db: dir.join(format!("{tag}-transaction-service.db")),
+            startup,
             logs,
         }
     }
@@ -853,6 +911,13 @@ struct HttpRun {
     busy: f64,
     /// Bytes user-service sent to the disk per request (its /proc/PID/io write_bytes).
     user_disk_bytes: f64,
+    /// Bytes transaction-service sent to the disk per applied user.created, from the
+    /// start of the load until it applied every one.
+    ledger_disk_bytes: f64,
+    /// Bytes both services sent to the disk per request, from the start of the load
+    /// until transaction-service applied every event and one more second (user-service
+    /// applying the welcome credits).
+    box_disk_bytes: f64,
 }
 
 /// POST /users from 64 keep-alive connections, `n` requests in all; checks that every
@@ -869,35 +934,60 @@ fn post_users(broker: &Broker, dir: &Path, run: usize, mode: HttpMode, n: usize)
     let per = n / 64;
     let cpu = |i: usize| cpu_seconds(services.pids[i]);
     let (user_cpu, ledger_cpu, machine) = (cpu(0), cpu(1), machine_cpu());
-    let user_disk = disk_write_bytes(services.pids[0]);
-    let started = Instant::now();
-    std::thread::scope(|s| {
-        for t in 0..64 {
-            let url = url.clone();
-            let tag = tag.clone();
-            s.spawn(move || {
-                let agent = ureq::AgentBuilder::new().max_idle_connections_per_host(1).build();
-                for i in 0..per {
-                    let body = json!({ "name": "Bench User", "email": format!("{tag}-{t}-{i}@example.com") });
-                    let res = agent.post(&url).send_json(body).expect("POST /users");
-                    assert_eq!(res.status(), 201);
-                }
-            });
-        }
-    });
-    let rate = (per * 64) as f64 / started.elapsed().as_secs_f64();
+    let disk = |i: usize| disk_write_bytes(services.pids[i]);
+    let (user_disk, ledger_disk) = (disk(0), disk(1));
+    let (rate, _) = post_load(&url, &tag, per * 64);
     let user_cpu = cpu(0) - user_cpu;
-    let user_disk = disk_write_bytes(services.pids[0]) - user_disk;
+    let user_disk_load = disk(0) - user_disk;
     let busy = busy_since(machine);
     services.assert_all_applied(per * 64);
+    let ledger_disk_applied = disk(1) - ledger_disk;
+    std::thread::sleep(Duration::from_secs(1));
+    let box_disk = disk(0) - user_disk + disk(1) - ledger_disk;
     let per_request = |x: f64| x / (per * 64) as f64;
     HttpRun {
         rate,
         user_cpu_us: per_request(user_cpu * 1e6),
         ledger_cpu_us: per_request((cpu(1) - ledger_cpu) * 1e6),
         busy,
-        user_disk_bytes: per_request(user_disk),
+        user_disk_bytes: per_request(user_disk_load),
+        ledger_disk_bytes: per_request(ledger_disk_applied),
+        box_disk_bytes: per_request(box_disk),
     }
+}
+
+/// `n` POST /users (a multiple of 64) from 64 keep-alive connections: requests/s, and
+/// each request's (time answered, latency in µs).
+fn post_load(url: &str, tag: &str, n: usize) -> (f64, Vec<(Instant, f64)>) {
+    let per = n / 64;
+    let started = Instant::now();
+    let answered: Vec<(Instant, f64)> = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..64)
+            .map(|t| {
+                s.spawn(move || {
+                    let agent = ureq::AgentBuilder::new().max_idle_connections_per_host(1).build();
+                    let mut times = Vec::with_capacity(per);
+                    for i in 0..per {
+                        let body = json!({ "name": "Bench User", "email": format!("{tag}-{t}-{i}@example.com") });
+                        let sent = Instant::now();
+                        let res = agent.post(url).send_json(body).expect("POST /users");
+                        assert_eq!(res.status(), 201);
+                        let now = Instant::now();
+                        times.push((now, (now - sent).as_secs_f64() * 1e6));
+                    }
+                    times
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect()
+    });
+    (
+        (per * 64) as f64 / started.elapsed().as_secs_f64(),
+        answered,
+    )
 }
 
 /// Bytes a process has caused to be written to storage so far.

@@ -813,12 +813,18 @@ pub(crate) fn prune(tx: &Transaction, retention_ms: u64, limit: usize) -> Result
 }
 
 /// Retention at `--retention-max-bytes`: deletes the `limit` oldest records of applied
-/// events, at any age. Dead letters stay (they are events not applied).
-pub(crate) fn prune_oldest(tx: &Transaction, limit: usize) -> Result<usize, DbError> {
+/// events applied before `applied_before_ms`. Dead letters stay (they are events not
+/// applied).
+pub(crate) fn prune_oldest(
+    tx: &Transaction,
+    applied_before_ms: i64,
+    limit: usize,
+) -> Result<usize, DbError> {
     Ok(tx
         .prepare_cached(
             "DELETE FROM inbox WHERE rowid IN (
-                 SELECT rowid FROM inbox WHERE outcome = 'applied' ORDER BY applied_at_ms LIMIT ?1)",
+                 SELECT rowid FROM inbox WHERE applied_at_ms < ?1 AND outcome = 'applied'
+                 ORDER BY applied_at_ms LIMIT ?2)",
         )?
-        .execute([limit as i64])?)
+        .execute(params![applied_before_ms, limit as i64])?)
 }

@@ -1123,15 +1123,18 @@ async fn prune_all(writer: crate::storage::Writer, keep_ms: u64, max_bytes: u64)
             "retention deleted old inbox records and dead letters"
         );
     }
-    match crate::storage::prune_to_fit(&writer, max_bytes, PRUNE_BATCH_ROWS, inbox::prune_oldest)
-        .await
-    {
+    // Never the records of the last half of --retention-ms: a producer restored from a
+    // backup takes what is older as shared (outbox::start_new_epoch), and the events it
+    // sends again from the newer half are recognised by these records.
+    let horizon = crate::clock::now_ms().saturating_sub((keep_ms / 2) as i64);
+    let oldest = move |t: &rusqlite::Transaction, limit| inbox::prune_oldest(t, horizon, limit);
+    match crate::storage::prune_to_fit(&writer, max_bytes, PRUNE_BATCH_ROWS, oldest).await {
         Ok((capped, over)) => {
             if capped > 0 {
                 tracing::info!(rows = capped, max_bytes, "retention deleted the oldest inbox records to keep the database within --retention-max-bytes");
             }
             if let Some(used) = over {
-                tracing::warn!(used_bytes = used, max_bytes, "the database is above --retention-max-bytes and holds no more inbox history that may be deleted: the rest is dead letters, outbox history or domain data");
+                tracing::warn!(used_bytes = used, max_bytes, "the database is above --retention-max-bytes and holds no more inbox history that may be deleted: the rest is inbox records of the last half of --retention-ms, dead letters, outbox history or domain data");
             }
         }
         Err(e) => tracing::warn!(error = %e, "inbox retention failed; will try again"),

@@ -701,13 +701,15 @@ pub fn prune(
 }
 
 /// Retention at `--retention-max-bytes`: deletes the oldest `limit` rows that
-/// [`prune`] would delete at any age.
+/// [`prune`] would delete, created before `created_before_ms` rather than
+/// `--retention-ms` ago.
 pub fn prune_oldest(
     tx: &Transaction,
+    created_before_ms: i64,
     consumer_expiry_ms: u64,
     limit: usize,
 ) -> Result<usize, DbError> {
-    prune_before(tx, i64::MAX, consumer_expiry_ms, limit)
+    prune_before(tx, created_before_ms, consumer_expiry_ms, limit)
 }
 
 fn prune_before(

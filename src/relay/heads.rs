@@ -26,6 +26,8 @@ pub(crate) struct Announcer {
     sent: HashMap<String, StreamHead>,
     /// The sweep goes on after this stream.
     cursor: Option<String>,
+    /// Where the sweep goes on once everything [`Announcer::select`] listed was sent.
+    next_cursor: Option<String>,
 }
 
 impl Announcer {
@@ -62,7 +64,7 @@ impl Announcer {
                 .take(share)
                 .collect(),
         };
-        self.cursor = sweep.last().cloned().or(self.cursor.take());
+        self.next_cursor = sweep.last().cloned();
         sweep.sort_unstable(); // it may wrap around
         full.streams.retain(|stream, head| {
             self.sent.get(stream) != Some(head) || sweep.binary_search(stream).is_ok()
@@ -74,6 +76,14 @@ impl Announcer {
     pub(crate) fn sent(&mut self, page: &HeadAnnouncement) {
         for (stream, head) in &page.streams {
             self.sent.insert(stream.clone(), *head);
+        }
+    }
+
+    /// Every page of what [`Announcer::select`] listed was handed to the client: the
+    /// sweep goes on from there (otherwise it lists the same streams again).
+    pub(crate) fn all_sent(&mut self) {
+        if let Some(c) = self.next_cursor.take() {
+            self.cursor = Some(c);
         }
     }
 }
@@ -107,6 +117,7 @@ mod tests {
     fn announce(a: &mut Announcer, f: HeadAnnouncement) -> BTreeSet<String> {
         let listed = a.select(f);
         a.sent(&listed);
+        a.all_sent();
         listed.streams.into_keys().collect()
     }
 

@@ -67,6 +67,8 @@ const REPORT_FLUSH_INTERVAL: Duration = Duration::from_millis(250);
 /// not already waiting that would go beyond is dropped (it reports again an interval
 /// later). Bounds memory under a flood of reports naming made-up consumers.
 const REPORTS_PENDING_MAX_BYTES: usize = 4 << 20;
+/// Bytes of position reports waiting from one consumer at most (its pages, merged).
+const REPORTS_PER_CONSUMER_MAX_BYTES: usize = 1 << 20;
 /// Head announcement pages that rumqttc's queue holds room for, beside the events.
 const HEADS_PAGES_QUEUED: usize = 64;
 /// Replay requests served per consumer per [`REPLAY_WINDOW`] at most.
@@ -260,6 +262,8 @@ struct State {
     reports_writing: bool,
     /// Which streams the next head announcement lists.
     announcer: heads::Announcer,
+    /// A retention pass is under way.
+    pruning: bool,
 }
 
 impl State {
@@ -286,6 +290,7 @@ impl State {
             reports_bytes: 0,
             reports_writing: false,
             announcer: heads::Announcer::default(),
+            pruning: false,
         }
     }
 
@@ -681,7 +686,8 @@ impl Relay {
                         let _ = tx.send(Side::Reported(result)).await;
                     });
                 }
-                _ = retention_tick.tick(), if drain_deadline.is_none() => {
+                _ = retention_tick.tick(), if drain_deadline.is_none() && !st.pruning => {
+                    st.pruning = true;
                     let (tx, writer) = (side_tx.clone(), self.db.writer().clone());
                     let (keep_ms, expiry_ms, max_bytes) = (cfg.retention_ms, cfg.consumer_expiry_ms, cfg.retention_max_bytes);
                     tokio::spawn(async move {
@@ -702,12 +708,17 @@ impl Relay {
                         }
                         if st.connected && !msg.streams.is_empty() {
                             let listed = st.announcer.select(msg);
+                            let mut all = true;
                             for page in listed.pages(page_max) {
                                 let payload = serde_json::to_vec(&page).expect("head announcements serialise");
                                 if !control_publish(&client, &link.gate, &mut st, &heads_topic, true, payload) {
+                                    all = false;
                                     break; // listed again at the next interval
                                 }
                                 st.announcer.sent(&page);
+                            }
+                            if all {
+                                st.announcer.all_sent();
                             }
                         }
                     }
@@ -719,6 +730,7 @@ impl Relay {
                         }
                     }
                     Side::Pruned(Ok((aged, capped, over))) => {
+                        st.pruning = false;
                         if aged > 0 {
                             tracing::info!(rows = aged, "retention deleted old published outbox rows");
                         }
@@ -767,8 +779,13 @@ impl Relay {
                             tracing::error!(error = %e, suppressed, "relay could not write position reports; consumers report again");
                         }
                     }
-                    Side::DataVersion(Err(e)) | Side::Heads(Err(e))
-                    | Side::Pruned(Err(e)) => {
+                    Side::Pruned(Err(e)) => {
+                        st.pruning = false;
+                        if let Some(suppressed) = db_log.allow() {
+                            tracing::error!(error = %e, suppressed, "relay retention failed; will try again");
+                        }
+                    }
+                    Side::DataVersion(Err(e)) | Side::Heads(Err(e)) => {
                         if let Some(suppressed) = db_log.allow() {
                             tracing::error!(error = %e, suppressed, "relay database task failed");
                         }
@@ -966,7 +983,9 @@ impl Relay {
             None => (false, 0),
         };
         let size = payload.len() + if merge { waiting } else { 0 };
-        if st.reports_bytes - waiting + size > REPORTS_PENDING_MAX_BYTES {
+        if st.reports_bytes - waiting + size > REPORTS_PENDING_MAX_BYTES
+            || size > REPORTS_PER_CONSUMER_MAX_BYTES
+        {
             self.input_warning(
                 "dropping a position report: too many waiting to be written",
                 consumer,
@@ -1035,13 +1054,18 @@ async fn prune_all(
         }
         tokio::task::yield_now().await;
     }
+    let before = crate::clock::now_ms().saturating_sub(CAP_MIN_AGE_MS);
     let (capped, over) =
         crate::storage::prune_to_fit(writer, max_bytes, PRUNE_BATCH_ROWS, move |t, limit| {
-            outbox::prune_oldest(t, expiry_ms, limit)
+            outbox::prune_oldest(t, before, expiry_ms, limit)
         })
         .await?;
     Ok((total, capped, over))
 }
+
+/// `--retention-max-bytes` deletes no outbox row younger than this: a consumer that
+/// has not reported its position in a new stream yet may still ask for them.
+const CAP_MIN_AGE_MS: i64 = 3_600_000;
 
 #[cfg(test)]
 mod tests {

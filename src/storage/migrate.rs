@@ -49,6 +49,11 @@ pub(crate) const CORE_SCHEMA: Schema = Schema {
             name: "0003_dead_letter_actions.sql",
             sql: include_str!("../../schema/core/0003_dead_letter_actions.sql"),
         },
+        Migration {
+            version: 4,
+            name: "0004_consumer_positions_by_stream.sql",
+            sql: include_str!("../../schema/core/0004_consumer_positions_by_stream.sql"),
+        },
     ],
 };
 

@@ -28,6 +28,7 @@ pub struct Proxy {
     open: Arc<Mutex<Vec<TcpStream>>>,
     stop: Arc<AtomicBool>,
     partitioned: Arc<AtomicBool>,
+    down: Arc<AtomicBool>,
 }
 
 impl Proxy {
@@ -43,13 +44,15 @@ impl Proxy {
             open: Arc::default(),
             stop: Arc::default(),
             partitioned: Arc::default(),
+            down: Arc::default(),
         };
-        let (accepted, mode, open, stop, hole) = (
+        let (accepted, mode, open, stop, hole, down) = (
             p.accepted.clone(),
             p.mode.clone(),
             p.open.clone(),
             p.stop.clone(),
             p.partitioned.clone(),
+            p.down.clone(),
         );
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
@@ -62,6 +65,9 @@ impl Proxy {
                 };
                 client.set_nonblocking(false).unwrap();
                 accepted.fetch_add(1, Ordering::Relaxed);
+                if down.load(Ordering::Relaxed) {
+                    continue; // as a broker that is down: the connection closes at once
+                }
                 let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
                     continue; // broker down: the client sees the connection close
                 };
@@ -98,6 +104,15 @@ impl Proxy {
     /// connection its client gave up on are dropped with it after the partition ends.
     pub fn partition(&self, on: bool) {
         self.partitioned.store(on, Ordering::Relaxed);
+    }
+
+    /// Takes the broker away (`true`: every connection closed, new ones closed at once)
+    /// or brings it back, with its sessions.
+    pub fn set_down(&self, on: bool) {
+        self.down.store(on, Ordering::Relaxed);
+        if on {
+            self.cut();
+        }
     }
 
     /// Closes every connection open now, both ways (as a broker that dies would).
