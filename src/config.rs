@@ -178,6 +178,18 @@ pub struct Config {
     #[arg(long, env = "DB_WRITE_BATCH_MAX", default_value_t = 512)]
     pub db_write_batch_max: usize,
 
+    /// SQLite page size of a database created now, in bytes: 512 to 65536, a power
+    /// of two. An existing database keeps its own. Every commit writes each page it
+    /// changed whole, so smaller pages send fewer bytes to an SD card.
+    #[arg(long, env = "DB_PAGE_SIZE", default_value_t = crate::storage::DEFAULT_PAGE_SIZE)]
+    pub db_page_size: u32,
+
+    /// Pages the write-ahead log gathers before they are copied into the database (a
+    /// page written again meanwhile is copied once): 100 to 1,000,000. The log takes
+    /// up to this many pages on disk.
+    #[arg(long, env = "DB_CHECKPOINT_PAGES", default_value_t = crate::storage::DEFAULT_CHECKPOINT_PAGES)]
+    pub db_checkpoint_pages: u32,
+
     /// How long the relay and consumer may take to finish in-flight work on shutdown.
     #[arg(long, env = "SHUTDOWN_TIMEOUT_MS", default_value_t = 5_000)]
     pub shutdown_timeout_ms: u64,
@@ -421,6 +433,15 @@ impl Config {
                 "must be at least --reconnect-backoff-min-ms",
             ));
         }
+        if !(512..=65_536).contains(&self.db_page_size) || !self.db_page_size.is_power_of_two() {
+            return Err(bad(
+                "db-page-size",
+                "must be a power of two from 512 to 65536",
+            ));
+        }
+        if !(100..=1_000_000).contains(&self.db_checkpoint_pages) {
+            return Err(bad("db-checkpoint-pages", "must be from 100 to 1000000"));
+        }
         if self.retention_max_bytes != 0 && self.retention_max_bytes < RETENTION_MAX_BYTES_MIN {
             return Err(bad(
                 "retention-max-bytes",
@@ -563,6 +584,8 @@ impl Config {
             synchronous: self.db_synchronous,
             busy_timeout_ms: self.db_busy_timeout_ms,
             write_batch_max: self.db_write_batch_max,
+            page_size: self.db_page_size,
+            checkpoint_pages: self.db_checkpoint_pages,
             ..DbOptions::new(path)
         }
     }

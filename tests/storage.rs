@@ -53,15 +53,15 @@ fn migrations_are_recorded_and_applying_twice_is_a_no_op() {
     drop(Database::open(&DbOptions::new(&path), &[ITEMS_SCHEMA]).unwrap());
     assert_eq!(
         count(&path, "SELECT COUNT(*) FROM schema_migrations"),
-        4,
-        "core v1, v2 and v3 and items v1, once each"
+        5,
+        "core v1 to v4 and items v1, once each"
     );
     assert_eq!(
         count(
             &path,
             "SELECT COUNT(*) FROM schema_migrations WHERE component = 'edge_outbox'"
         ),
-        3
+        4
     );
     assert_eq!(
         count(&path, "SELECT COUNT(*) FROM outbox_epoch"),

@@ -43,6 +43,11 @@ pub const SCHEMA: Schema = Schema {
             name: "0003_user_uuid.sql",
             sql: include_str!("../schema/user-service/0003_user_uuid.sql"),
         },
+        Migration {
+            version: 4,
+            name: "0004_one_email_index.sql",
+            sql: include_str!("../schema/user-service/0004_one_email_index.sql"),
+        },
     ],
 };
 

@@ -69,6 +69,9 @@ const REPORT_FLUSH_INTERVAL: Duration = Duration::from_millis(250);
 const REPORTS_PENDING_MAX_BYTES: usize = 4 << 20;
 /// Bytes of position reports waiting from one consumer at most (its pages, merged).
 const REPORTS_PER_CONSUMER_MAX_BYTES: usize = 1 << 20;
+/// Acknowledged rows marked at once, without waiting for another write's commit
+/// ([`crate::storage::Writer::write_lazy`]), from this many.
+const MARK_EAGER_ROWS: usize = 64;
 /// Head announcement pages that rumqttc's queue holds room for, beside the events.
 const HEADS_PAGES_QUEUED: usize = 64;
 /// Replay requests served per consumer per [`REPLAY_WINDOW`] at most.
@@ -505,10 +508,16 @@ impl Relay {
             if mark.is_none() && db_retry_at.is_none() && st.mark_due(drain_deadline.is_some()) {
                 let ids = std::mem::take(&mut st.acked);
                 let (writer, batch) = (self.db.writer().clone(), ids.clone());
+                // A few marks wait for a write to share its commit with; many (a
+                // drain) and those of a shutdown go at once.
+                let eager = ids.len() >= MARK_EAGER_ROWS || drain_deadline.is_some();
                 mark = Some(Box::pin(async move {
-                    let result = writer
-                        .write(move |tx| outbox::mark_published(tx, &batch))
-                        .await;
+                    let mark = move |tx: &rusqlite::Transaction| outbox::mark_published(tx, &batch);
+                    let result = if eager {
+                        writer.write(mark).await
+                    } else {
+                        writer.write_lazy(mark).await
+                    };
                     (ids, result)
                 }));
             }

@@ -67,6 +67,13 @@ impl std::fmt::Display for Synchronous {
     }
 }
 
+/// [`DbOptions::page_size`] by default. See docs/performance.md, "Scale": every
+/// commit writes each page it changed to the WAL whole, and the page of a random-key
+/// index that every request touches is the largest part of what goes to the disk.
+pub const DEFAULT_PAGE_SIZE: u32 = 1_024;
+/// [`DbOptions::checkpoint_pages`] by default: 10 MB of WAL at the default page size.
+pub const DEFAULT_CHECKPOINT_PAGES: u32 = 10_000;
+
 /// How to open a database.
 #[derive(Debug, Clone)]
 pub struct DbOptions {
@@ -82,6 +89,11 @@ pub struct DbOptions {
     pub write_batch_max: usize,
     /// Write requests that may wait for the writer at once.
     pub write_queue_max: usize,
+    /// Page size of a database this creates (SQLite keeps an existing database's).
+    pub page_size: u32,
+    /// WAL pages after which a commit checkpoints them into the database
+    /// (`wal_autocheckpoint`): a page written again before then is copied once.
+    pub checkpoint_pages: u32,
 }
 
 impl DbOptions {
@@ -94,6 +106,8 @@ impl DbOptions {
             readers_max: 4,
             write_batch_max: 512,
             write_queue_max: 4_096,
+            page_size: DEFAULT_PAGE_SIZE,
+            checkpoint_pages: DEFAULT_CHECKPOINT_PAGES,
         }
     }
 }
@@ -131,6 +145,14 @@ impl Database {
         };
         let mut conn = Connection::open(&path).map_err(open_err)?;
         configure(&conn, opts.busy_timeout_ms).map_err(open_err)?;
+        // Only a database without pages takes a page size (before WAL mode is set).
+        let pages: i64 = conn
+            .pragma_query_value(None, "page_count", |r| r.get(0))
+            .map_err(open_err)?;
+        if pages == 0 {
+            conn.pragma_update(None, "page_size", opts.page_size)
+                .map_err(open_err)?;
+        }
         let mode: String = conn
             .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
             .map_err(open_err)?;
@@ -138,6 +160,8 @@ impl Database {
             return Err(DbError::NotWal { path, mode });
         }
         conn.pragma_update(None, "synchronous", opts.synchronous.as_sql())
+            .map_err(open_err)?;
+        conn.pragma_update(None, "wal_autocheckpoint", opts.checkpoint_pages)
             .map_err(open_err)?;
 
         migrate::migrate(&mut conn, &path, &CORE_SCHEMA)?;

@@ -14,6 +14,12 @@
 //! COMMIT  (one fsync)
 //! ```
 //!
+//! A write that may wait ([`Writer::write_lazy`], the relay marking what the broker
+//! acknowledged) is held up to [`LAZY_WAIT`] for another write to share its commit
+//! with: at a few requests a second each commit costs its own fsync and its own copy
+//! of every page it touched, and the marks would double them (docs/performance.md,
+//! "Scale").
+//!
 //! A request learns its result only after the COMMIT returned, so nothing is reported
 //! as done before it is durable. If the COMMIT fails, every request of the batch fails.
 //! Requests are closures that receive `&rusqlite::Transaction`, so that functions such
@@ -39,6 +45,15 @@ pub(crate) struct WriterOptions {
     pub batch_max: usize,
     /// Requests that may wait in the queue; senders wait when it is full.
     pub queue_max: usize,
+}
+
+/// How long a batch of only lazy writes waits for another write to join it.
+pub const LAZY_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// A queued write, and whether it may wait for another to share its commit.
+struct Queued {
+    job: Job,
+    lazy: bool,
 }
 
 /// Called once the batch's fate is known: `None` when it committed.
@@ -76,7 +91,7 @@ impl WriterStats {
 /// after it has run every request already queued.
 #[derive(Clone)]
 pub struct Writer {
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::Sender<Queued>,
     outbox_inserted: Arc<Notify>,
     stats: Arc<WriterStats>,
 }
@@ -136,9 +151,29 @@ impl Writer {
         T: Send + 'static,
         E: From<DbError> + Send + 'static,
     {
+        self.send(f, false).await
+    }
+
+    /// [`Writer::write`] for a write that may wait up to [`LAZY_WAIT`] for another
+    /// write to share its commit (and its fsync) with.
+    pub async fn write_lazy<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&Transaction) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<DbError> + Send + 'static,
+    {
+        self.send(f, true).await
+    }
+
+    async fn send<T, E, F>(&self, f: F, lazy: bool) -> Result<T, E>
+    where
+        F: FnOnce(&Transaction) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<DbError> + Send + 'static,
+    {
         let (job, reply) = job(f);
         self.jobs
-            .send(job)
+            .send(Queued { job, lazy })
             .await
             .map_err(|_| E::from(DbError::WriterStopped))?;
         reply.await.map_err(|_| E::from(DbError::WriterStopped))?
@@ -154,7 +189,7 @@ impl Writer {
     {
         let (job, reply) = job(f);
         self.jobs
-            .blocking_send(job)
+            .blocking_send(Queued { job, lazy: false })
             .map_err(|_| E::from(DbError::WriterStopped))?;
         reply
             .blocking_recv()
@@ -212,7 +247,7 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
 
 fn run(
     mut conn: Connection,
-    mut rx: mpsc::Receiver<Job>,
+    mut rx: mpsc::Receiver<Queued>,
     batch_max: usize,
     inserted: &AtomicBool,
     notify: &Notify,
@@ -220,12 +255,25 @@ fn run(
 ) {
     let mut batch = Vec::with_capacity(batch_max);
     while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
-        while batch.len() < batch_max {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
+        let mut lazy_only = first.lazy;
+        batch.push(first.job);
+        let mut gather = |batch: &mut Vec<Job>, lazy_only: &mut bool| {
+            while batch.len() < batch_max {
+                match rx.try_recv() {
+                    Ok(q) => {
+                        *lazy_only &= q.lazy;
+                        batch.push(q.job);
+                    }
+                    Err(_) => break,
+                }
             }
+        };
+        gather(&mut batch, &mut lazy_only);
+        // Only lazy writes: wait a little for one that is not, to share the commit.
+        let deadline = Instant::now() + LAZY_WAIT;
+        while lazy_only && batch.len() < batch_max && Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            gather(&mut batch, &mut lazy_only);
         }
         let requests = batch.len();
         let started = Instant::now();
