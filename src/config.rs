@@ -184,11 +184,12 @@ pub struct Config {
     #[arg(long, env = "DB_PAGE_SIZE", default_value_t = crate::storage::DEFAULT_PAGE_SIZE)]
     pub db_page_size: u32,
 
-    /// Pages the write-ahead log gathers before they are copied into the database (a
-    /// page written again meanwhile is copied once): 100 to 1,000,000. The log takes
-    /// up to this many pages on disk.
-    #[arg(long, env = "DB_CHECKPOINT_PAGES", default_value_t = crate::storage::DEFAULT_CHECKPOINT_PAGES)]
-    pub db_checkpoint_pages: u32,
+    /// Bytes the write-ahead log gathers before a commit copies them into the database
+    /// (a page written again meanwhile is copied once), 65536 to 1073741824; after it
+    /// the log file is cut back to this size. A long reader or a large transaction can
+    /// hold the log above it for a while.
+    #[arg(long, env = "DB_CHECKPOINT_BYTES", default_value_t = crate::storage::DEFAULT_CHECKPOINT_BYTES)]
+    pub db_checkpoint_bytes: u64,
 
     /// How long the relay and consumer may take to finish in-flight work on shutdown.
     #[arg(long, env = "SHUTDOWN_TIMEOUT_MS", default_value_t = 5_000)]
@@ -439,8 +440,11 @@ impl Config {
                 "must be a power of two from 512 to 65536",
             ));
         }
-        if !(100..=1_000_000).contains(&self.db_checkpoint_pages) {
-            return Err(bad("db-checkpoint-pages", "must be from 100 to 1000000"));
+        if !crate::storage::CHECKPOINT_BYTES_RANGE.contains(&self.db_checkpoint_bytes) {
+            return Err(bad(
+                "db-checkpoint-bytes",
+                "must be from 65536 to 1073741824",
+            ));
         }
         if self.retention_max_bytes != 0 && self.retention_max_bytes < RETENTION_MAX_BYTES_MIN {
             return Err(bad(
@@ -585,7 +589,7 @@ impl Config {
             busy_timeout_ms: self.db_busy_timeout_ms,
             write_batch_max: self.db_write_batch_max,
             page_size: self.db_page_size,
-            checkpoint_pages: self.db_checkpoint_pages,
+            checkpoint_bytes: self.db_checkpoint_bytes,
             ..DbOptions::new(path)
         }
     }

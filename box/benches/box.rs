@@ -387,7 +387,11 @@ fn print_setup(plan: &Plan, broker: &Broker) {
         "  broker settings from mosquitto.conf: {}",
         repo_broker_settings().replace('\n', ", ")
     );
-    println!("  SQLite: WAL, synchronous=FULL unless stated, group commit up to 512 requests; rusqlite 0.40 (bundled)");
+    println!(
+        "  SQLite: WAL, synchronous=FULL unless stated, group commit up to 512 requests, {} B pages, checkpoint every {} MiB of WAL; rusqlite 0.40 (bundled)",
+        edge_outbox::storage::DEFAULT_PAGE_SIZE,
+        edge_outbox::storage::DEFAULT_CHECKPOINT_BYTES >> 20
+    );
     println!("  MQTT: rumqttc 0.25, QoS1, 100 in flight (relay and bare publisher), TCP_NODELAY");
     println!(
         "  event envelope: {} bytes; HTTP load: 64 threads, one keep-alive connection each",

@@ -70,9 +70,11 @@ impl std::fmt::Display for Synchronous {
 /// [`DbOptions::page_size`] by default. See docs/performance.md, "Scale": every
 /// commit writes each page it changed to the WAL whole, and the page of a random-key
 /// index that every request touches is the largest part of what goes to the disk.
-pub const DEFAULT_PAGE_SIZE: u32 = 1_024;
-/// [`DbOptions::checkpoint_pages`] by default: 10 MB of WAL at the default page size.
-pub const DEFAULT_CHECKPOINT_PAGES: u32 = 10_000;
+pub const DEFAULT_PAGE_SIZE: u32 = 2_048;
+/// [`DbOptions::checkpoint_bytes`] by default.
+pub const DEFAULT_CHECKPOINT_BYTES: u64 = 10 << 20;
+/// The range of [`DbOptions::checkpoint_bytes`].
+pub const CHECKPOINT_BYTES_RANGE: std::ops::RangeInclusive<u64> = (64 << 10)..=(1 << 30);
 
 /// How to open a database.
 #[derive(Debug, Clone)]
@@ -91,9 +93,11 @@ pub struct DbOptions {
     pub write_queue_max: usize,
     /// Page size of a database this creates (SQLite keeps an existing database's).
     pub page_size: u32,
-    /// WAL pages after which a commit checkpoints them into the database
-    /// (`wal_autocheckpoint`): a page written again before then is copied once.
-    pub checkpoint_pages: u32,
+    /// WAL bytes after which a commit checkpoints them into the database
+    /// (`wal_autocheckpoint`, in pages of the database's own size; a page written
+    /// again before then is copied once), and the size the WAL file is cut back to
+    /// after a checkpoint (`journal_size_limit`).
+    pub checkpoint_bytes: u64,
 }
 
 impl DbOptions {
@@ -107,7 +111,7 @@ impl DbOptions {
             write_batch_max: 512,
             write_queue_max: 4_096,
             page_size: DEFAULT_PAGE_SIZE,
-            checkpoint_pages: DEFAULT_CHECKPOINT_PAGES,
+            checkpoint_bytes: DEFAULT_CHECKPOINT_BYTES,
         }
     }
 }
@@ -150,7 +154,10 @@ impl Database {
             .pragma_query_value(None, "page_count", |r| r.get(0))
             .map_err(open_err)?;
         if pages == 0 {
-            conn.pragma_update(None, "page_size", opts.page_size)
+            let size = opts.page_size;
+            let valid = size.is_power_of_two() && (512..=65_536).contains(&size);
+            let size = if valid { size } else { DEFAULT_PAGE_SIZE };
+            conn.pragma_update(None, "page_size", size)
                 .map_err(open_err)?;
         }
         let mode: String = conn
@@ -161,7 +168,17 @@ impl Database {
         }
         conn.pragma_update(None, "synchronous", opts.synchronous.as_sql())
             .map_err(open_err)?;
-        conn.pragma_update(None, "wal_autocheckpoint", opts.checkpoint_pages)
+        let checkpoint_bytes = opts.checkpoint_bytes.clamp(
+            *CHECKPOINT_BYTES_RANGE.start(),
+            *CHECKPOINT_BYTES_RANGE.end(),
+        );
+        let page_size: i64 = conn
+            .pragma_query_value(None, "page_size", |r| r.get(0))
+            .map_err(open_err)?;
+        let checkpoint_pages = (checkpoint_bytes / page_size.max(512) as u64).max(1);
+        conn.pragma_update(None, "wal_autocheckpoint", checkpoint_pages as i64)
+            .map_err(open_err)?;
+        conn.pragma_update(None, "journal_size_limit", checkpoint_bytes as i64)
             .map_err(open_err)?;
 
         migrate::migrate(&mut conn, &path, &CORE_SCHEMA)?;
