@@ -411,3 +411,67 @@ async fn a_relay_refuses_to_start_on_events_written_under_another_source_or_pref
     }
     edge_outbox::Relay::new(db.clone(), cfg).expect("the settings they were written with");
 }
+
+/// A retention pass looks at the oldest rows a window at a time and stops at the
+/// first window of rows younger than its cutoff, instead of reading every row.
+#[test]
+fn retention_stops_at_the_first_young_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config("mqtt://127.0.0.1:1", "win");
+    let db = open_db(dir.path(), "w", &cfg);
+    let outbox = Outbox::new(&cfg);
+    let o = outbox.clone();
+    db.writer()
+        .write_blocking(move |tx| {
+            for _ in 0..30 {
+                o.enqueue(
+                    tx,
+                    NewEvent {
+                        stream: "s",
+                        event_type: "t.e",
+                        subject: None,
+                        data: &1,
+                    },
+                )?;
+            }
+            Ok::<_, OutboxError>(())
+        })
+        .unwrap();
+    let path = db_path(dir.path(), "w");
+    // Rows 1-10 old, 11-30 young; all published.
+    inspect(&path)
+        .execute_batch("UPDATE outbox SET published_at_ms = 1; UPDATE outbox SET created_at_ms = 0 WHERE id <= 10;")
+        .unwrap();
+    let day = 24 * 3600 * 1000;
+    let window = |cursor: i64, size: usize| {
+        db.writer()
+            .write_blocking(move |tx| {
+                let mut at = cursor;
+                let n = outbox::prune_window(
+                    tx,
+                    &mut at,
+                    edge_outbox::clock::now_ms() - day,
+                    30 * day as u64,
+                    size,
+                )?;
+                Ok::<_, DbError>((n, at))
+            })
+            .unwrap()
+    };
+    assert_eq!(
+        window(0, 4),
+        (Some(4), 4),
+        "the first window: four old rows"
+    );
+    assert_eq!(
+        window(4, 8),
+        (Some(6), 12),
+        "old and young rows: the old ones go"
+    );
+    assert_eq!(
+        window(12, 8),
+        (None, 12),
+        "only young rows: the pass is done"
+    );
+    assert_eq!(count(&path, "SELECT COUNT(*) FROM outbox"), 20);
+}

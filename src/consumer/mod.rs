@@ -435,8 +435,12 @@ impl Consumer {
                                 p.report_positions();
                             }
                             Polled::Event(Event::Incoming(Packet::Publish(m))) if topics.parse_heads(&m.topic).is_some() => p.on_heads(&m).await,
-                            Polled::Event(Event::Incoming(Packet::Publish(m))) => {
+                            Polled::Event(Event::Incoming(Packet::Publish(mut m))) => {
                                 self.status.received.fetch_add(1, Ordering::Relaxed);
+                                // rumqttc's payload is a slice of its read buffer: a
+                                // message kept until its ack would keep that whole
+                                // buffer alive (hundreds of MB over a long backlog).
+                                m.payload = bytes::Bytes::copy_from_slice(&m.payload);
                                 batch.push(Received { session: p.session, m })
                             }
                             Polled::Event(_) => {}
@@ -1127,7 +1131,10 @@ async fn prune_all(writer: crate::storage::Writer, keep_ms: u64, max_bytes: u64)
     // backup takes what is older as shared (outbox::start_new_epoch), and the events it
     // sends again from the newer half are recognised by these records.
     let horizon = crate::clock::now_ms().saturating_sub((keep_ms / 2) as i64);
-    let oldest = move |t: &rusqlite::Transaction, limit| inbox::prune_oldest(t, horizon, limit);
+    let oldest = move |t: &rusqlite::Transaction, limit| {
+        let n = inbox::prune_oldest(t, horizon, limit)?;
+        Ok((n > 0).then_some(n))
+    };
     match crate::storage::prune_to_fit(&writer, max_bytes, PRUNE_BATCH_ROWS, oldest).await {
         Ok((capped, over)) => {
             if capped > 0 {

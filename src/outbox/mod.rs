@@ -689,7 +689,9 @@ pub fn record_position(
 
 /// Retention: deletes up to `limit` outbox rows that are published, were created more
 /// than `retention_ms` ago, and that every consumer which reported within
-/// `consumer_expiry_ms` has applied. Returns how many were deleted.
+/// `consumer_expiry_ms` has applied. Returns how many were deleted. It looks at the
+/// rows oldest first and stops at the first one younger than the cutoff
+/// ([`prune_window`]).
 pub fn prune(
     tx: &Transaction,
     retention_ms: u64,
@@ -697,44 +699,62 @@ pub fn prune(
     limit: usize,
 ) -> Result<usize, DbError> {
     let before = now_ms().saturating_sub(retention_ms as i64);
-    prune_before(tx, before, consumer_expiry_ms, limit)
+    let (mut cursor, mut total) = (0, 0);
+    while total < limit {
+        match prune_window(tx, &mut cursor, before, consumer_expiry_ms, limit - total)? {
+            Some(n) => total += n,
+            None => break,
+        }
+    }
+    Ok(total)
 }
 
-/// Retention at `--retention-max-bytes`: deletes the oldest `limit` rows that
-/// [`prune`] would delete, created before `created_before_ms` rather than
-/// `--retention-ms` ago.
-pub fn prune_oldest(
+/// One step of a retention pass: among the `window` rows that follow row id `cursor`,
+/// deletes those that are published, were created before `created_before_ms`, and
+/// that every consumer which reported within `consumer_expiry_ms` has applied; moves
+/// `cursor` past the window. None when the window holds no row created before the
+/// cutoff: rows are created in id order, so the pass is done (a full table of young
+/// history costs one short read, not a scan of every row while the writer waits).
+pub fn prune_window(
     tx: &Transaction,
+    cursor: &mut i64,
     created_before_ms: i64,
     consumer_expiry_ms: u64,
-    limit: usize,
-) -> Result<usize, DbError> {
-    prune_before(tx, created_before_ms, consumer_expiry_ms, limit)
-}
-
-fn prune_before(
-    tx: &Transaction,
-    created_before_ms: i64,
-    consumer_expiry_ms: u64,
-    limit: usize,
-) -> Result<usize, DbError> {
+    window: usize,
+) -> Result<Option<usize>, DbError> {
+    let (last, oldest): (Option<i64>, Option<i64>) = tx
+        .prepare_cached(
+            "SELECT MAX(id), MIN(created_at_ms) FROM
+                 (SELECT id, created_at_ms FROM outbox WHERE id > ?1 ORDER BY id LIMIT ?2)",
+        )?
+        .query_row(params![*cursor, window.max(1) as i64], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+    let (Some(last), Some(oldest)) = (last, oldest) else {
+        return Ok(None);
+    };
+    if oldest >= created_before_ms {
+        return Ok(None);
+    }
     let n = tx
         .prepare_cached(
             "DELETE FROM outbox WHERE id IN (
                  SELECT o.id FROM outbox o
-                 WHERE o.published_at_ms IS NOT NULL AND o.created_at_ms < ?1
+                 WHERE o.id > ?1 AND o.id <= ?2
+                   AND o.published_at_ms IS NOT NULL AND o.created_at_ms < ?3
                    AND o.seq <= COALESCE(
                        (SELECT MIN(p.position) FROM consumer_positions p
-                        WHERE p.stream = o.stream AND p.reported_at_ms >= ?2),
-                       9223372036854775807)
-                 ORDER BY o.id LIMIT ?3)",
+                        WHERE p.stream = o.stream AND p.reported_at_ms >= ?4),
+                       9223372036854775807))",
         )?
         .execute(params![
+            *cursor,
+            last,
             created_before_ms,
             now_ms().saturating_sub(consumer_expiry_ms as i64),
-            limit as i64
         ])?;
-    Ok(n)
+    *cursor = last;
+    Ok(Some(n))
 }
 
 /// Forgets consumers that have not reported for `consumer_expiry_ms`: they no longer

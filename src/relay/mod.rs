@@ -53,7 +53,7 @@ use crate::storage::{Database, DbError};
 
 /// Rows deleted per retention transaction at most, so that retention never holds the
 /// writer for long.
-const PRUNE_BATCH_ROWS: usize = 5_000;
+const PRUNE_BATCH_ROWS: usize = 1_000;
 /// Replay requests for one stream are served at most this often; a consumer whose gap
 /// is still open asks again (see `--consumer-replay-retry-ms`).
 const REPLAY_MIN_INTERVAL: Duration = Duration::from_millis(500);
@@ -1052,21 +1052,29 @@ async fn prune_all(
     writer
         .write(move |t| outbox::forget_expired_consumers(t, expiry_ms))
         .await?;
-    let mut total = 0;
+    let before = crate::clock::now_ms().saturating_sub(retention_ms as i64);
+    let (mut total, mut cursor) = (0, 0);
     loop {
-        let n = writer
-            .write(move |t| outbox::prune(t, retention_ms, expiry_ms, PRUNE_BATCH_ROWS))
+        let (n, at) = writer
+            .write(move |t| {
+                let mut at = cursor;
+                let n = outbox::prune_window(t, &mut at, before, expiry_ms, PRUNE_BATCH_ROWS)?;
+                Ok::<_, DbError>((n, at))
+            })
             .await?;
-        total += n;
-        if n < PRUNE_BATCH_ROWS {
-            break;
-        }
+        let Some(n) = n else { break };
+        (total, cursor) = (total + n, at);
         tokio::task::yield_now().await;
     }
+    // The cap: from the oldest row again, at any age but the last hour.
     let before = crate::clock::now_ms().saturating_sub(CAP_MIN_AGE_MS);
+    let cursor = Arc::new(std::sync::atomic::AtomicI64::new(0));
     let (capped, over) =
-        crate::storage::prune_to_fit(writer, max_bytes, PRUNE_BATCH_ROWS, move |t, limit| {
-            outbox::prune_oldest(t, before, expiry_ms, limit)
+        crate::storage::prune_to_fit(writer, max_bytes, PRUNE_BATCH_ROWS, move |t, window| {
+            let mut at = cursor.load(Ordering::Relaxed);
+            let n = outbox::prune_window(t, &mut at, before, expiry_ms, window)?;
+            cursor.store(at, Ordering::Relaxed);
+            Ok(n)
         })
         .await?;
     Ok((total, capped, over))

@@ -273,9 +273,10 @@ pub fn used_bytes(conn: &Connection) -> Result<u64, DbError> {
 }
 
 /// Retention at `--retention-max-bytes`: while the database's used bytes exceed
-/// `max_bytes`, runs `delete_oldest(tx, limit)` (deletes up to `limit` rows of the
-/// oldest history, returns how many) in a write of its own, at most `batch_max` rows
-/// at a time and about as many as the excess takes, so that it stops near the cap.
+/// `max_bytes`, runs `delete_oldest(tx, limit)` (looks at up to `limit` rows of the
+/// oldest history it has not looked at yet and deletes what it may: how many, or None
+/// when nothing is left to look at) in a write of its own, at most `batch_max` rows at
+/// a time and about as many as the excess takes, so that it stops near the cap.
 /// Returns the rows deleted, and the used bytes when they are still above the cap with
 /// nothing left that may be deleted.
 pub(crate) async fn prune_to_fit<F>(
@@ -285,7 +286,7 @@ pub(crate) async fn prune_to_fit<F>(
     delete_oldest: F,
 ) -> Result<(usize, Option<u64>), DbError>
 where
-    F: Fn(&rusqlite::Transaction, usize) -> Result<usize, DbError> + Clone + Send + 'static,
+    F: Fn(&rusqlite::Transaction, usize) -> Result<Option<usize>, DbError> + Clone + Send + 'static,
 {
     let mut total = 0;
     if max_bytes == 0 {
@@ -307,12 +308,12 @@ where
         let Some((n, before, after)) = batch else {
             return Ok((total, None));
         };
-        if n == 0 {
+        let Some(n) = n else {
             return Ok((total, Some(before)));
-        }
+        };
         total += n;
         // Pages come free only once empty: a batch may free none, the next many.
-        let freed_per_row = before.saturating_sub(after) / n as u64;
+        let freed_per_row = before.saturating_sub(after) / n.max(1) as u64;
         limit = match freed_per_row {
             0 => limit.saturating_mul(2),
             per_row => (after.saturating_sub(max_bytes) / per_row + 1) as usize,
