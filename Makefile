@@ -53,7 +53,7 @@ help:
 	@echo "make demo-offline  a box of its own keeps working with its broker stopped, then drains"
 	@echo "make cluster-demo  both services over a 3-node NATS cluster: a node dies, a host is cut off (root for namespaces)"
 	@echo "make power-cut  CYCLES=20 power cuts under load (root, loop devices), then check; MODE=kill kills one component at a time"
-	@echo "make bench    throughput and latency against the disk and the broker (quick; BENCH=full for longer; BENCH=scale for a 1,000,000-event backlog, 10,000,000 rows of history, 10,000 streams and disk bytes, about 20 minutes)"
+	@echo "make bench    throughput and latency against the disk and the broker (quick; BENCH=full for longer; BENCH=scale for a 1,000,000-event backlog, 10,000,000 rows of history, 10,000 streams and disk bytes, about 10 minutes)"
 	@echo "make verify   check the cross-service invariants of ./data (after the box drained)"
 	@echo "make build    build in release mode"
 	@echo "make test-docs, make check-deps  parts of make test: the library's doc examples and docs; its dependencies"

@@ -443,7 +443,7 @@ fn retention_stops_at_the_first_young_rows() {
         .execute_batch("UPDATE outbox SET published_at_ms = 1; UPDATE outbox SET created_at_ms = 0 WHERE id <= 10;")
         .unwrap();
     let day = 24 * 3600 * 1000;
-    let window = |cursor: i64, size: usize| {
+    let window_until = |cursor: i64, size: usize, stop: bool| {
         db.writer()
             .write_blocking(move |tx| {
                 let mut at = cursor;
@@ -453,11 +453,13 @@ fn retention_stops_at_the_first_young_rows() {
                     edge_outbox::clock::now_ms() - day,
                     30 * day as u64,
                     size,
+                    stop,
                 )?;
                 Ok::<_, DbError>((n, at))
             })
             .unwrap()
     };
+    let window = |cursor: i64, size: usize| window_until(cursor, size, true);
     assert_eq!(
         window(0, 4),
         (Some(4), 4),
@@ -474,4 +476,29 @@ fn retention_stops_at_the_first_young_rows() {
         "only young rows: the pass is done"
     );
     assert_eq!(count(&path, "SELECT COUNT(*) FROM outbox"), 20);
+
+    // A clock that stepped back: old rows behind young ones. The cap's pass reads on.
+    inspect(&path)
+        .execute_batch("UPDATE outbox SET created_at_ms = 0 WHERE id > 25")
+        .unwrap();
+    assert_eq!(
+        window(12, 8),
+        (None, 12),
+        "the time rule stops at the young rows"
+    );
+    assert_eq!(
+        window_until(12, 8, false),
+        (Some(0), 20),
+        "the cap's pass goes on"
+    );
+    assert_eq!(
+        window_until(20, 20, false),
+        (Some(5), 30),
+        "and finds the old rows"
+    );
+    assert_eq!(
+        window_until(30, 20, false),
+        (None, 30),
+        "to the end of the table"
+    );
 }

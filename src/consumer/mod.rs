@@ -485,6 +485,9 @@ impl Consumer {
                     }
                 }
                 _ = report_tick.tick() => p.report_positions(),
+                _ = tokio::time::sleep_until(p.status_at + STATUS_EVERY), if p.status_stale => {
+                    p.publish_status_now();
+                }
                 _ = retention_tick.tick() => {
                     // In a task of its own: deleting a million rows takes seconds, and
                     // events keep being applied meanwhile.
@@ -498,6 +501,7 @@ impl Consumer {
         }
 
         tracing::info!("consumer stopping");
+        p.publish_status_now();
         if let Some(r) = retention {
             r.abort(); // a pass cut short is taken up at the next start
         }

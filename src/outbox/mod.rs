@@ -690,8 +690,8 @@ pub fn record_position(
 /// Retention: deletes up to `limit` outbox rows that are published, were created more
 /// than `retention_ms` ago, and that every consumer which reported within
 /// `consumer_expiry_ms` has applied. Returns how many were deleted. It looks at the
-/// rows oldest first and stops at the first one younger than the cutoff
-/// ([`prune_window`]).
+/// rows oldest first, `limit` at a time, and stops at the first window of rows
+/// younger than the cutoff ([`prune_window`]).
 pub fn prune(
     tx: &Transaction,
     retention_ms: u64,
@@ -701,7 +701,7 @@ pub fn prune(
     let before = now_ms().saturating_sub(retention_ms as i64);
     let (mut cursor, mut total) = (0, 0);
     while total < limit {
-        match prune_window(tx, &mut cursor, before, consumer_expiry_ms, limit - total)? {
+        match prune_window(tx, &mut cursor, before, consumer_expiry_ms, limit, true)? {
             Some(n) => total += n,
             None => break,
         }
@@ -712,15 +712,18 @@ pub fn prune(
 /// One step of a retention pass: among the `window` rows that follow row id `cursor`,
 /// deletes those that are published, were created before `created_before_ms`, and
 /// that every consumer which reported within `consumer_expiry_ms` has applied; moves
-/// `cursor` past the window. None when the window holds no row created before the
-/// cutoff: rows are created in id order, so the pass is done (a full table of young
-/// history costs one short read, not a scan of every row while the writer waits).
+/// `cursor` past the window. None when the table ends there, or, with `stop_at_young`,
+/// when the window holds no row created before the cutoff: rows are created in id
+/// order, so the pass is done (a full table of young history costs one short read, not
+/// a scan of every row while the writer waits). A wall clock that stepped back breaks
+/// that order for a while: the byte cap passes `false` and reads on to the end.
 pub fn prune_window(
     tx: &Transaction,
     cursor: &mut i64,
     created_before_ms: i64,
     consumer_expiry_ms: u64,
     window: usize,
+    stop_at_young: bool,
 ) -> Result<Option<usize>, DbError> {
     let (last, oldest): (Option<i64>, Option<i64>) = tx
         .prepare_cached(
@@ -734,7 +737,11 @@ pub fn prune_window(
         return Ok(None);
     };
     if oldest >= created_before_ms {
-        return Ok(None);
+        if stop_at_young {
+            return Ok(None);
+        }
+        *cursor = last;
+        return Ok(Some(0));
     }
     let n = tx
         .prepare_cached(

@@ -69,9 +69,6 @@ const REPORT_FLUSH_INTERVAL: Duration = Duration::from_millis(250);
 const REPORTS_PENDING_MAX_BYTES: usize = 4 << 20;
 /// Bytes of position reports waiting from one consumer at most (its pages, merged).
 const REPORTS_PER_CONSUMER_MAX_BYTES: usize = 1 << 20;
-/// Acknowledged rows marked at once, without waiting for another write's commit
-/// ([`crate::storage::Writer::write_lazy`]), from this many.
-const MARK_EAGER_ROWS: usize = 64;
 /// Head announcement pages that rumqttc's queue holds room for, beside the events.
 const HEADS_PAGES_QUEUED: usize = 64;
 /// Replay requests served per consumer per [`REPLAY_WINDOW`] at most.
@@ -508,16 +505,10 @@ impl Relay {
             if mark.is_none() && db_retry_at.is_none() && st.mark_due(drain_deadline.is_some()) {
                 let ids = std::mem::take(&mut st.acked);
                 let (writer, batch) = (self.db.writer().clone(), ids.clone());
-                // A few marks wait for a write to share its commit with; many (a
-                // drain) and those of a shutdown go at once.
-                let eager = ids.len() >= MARK_EAGER_ROWS || drain_deadline.is_some();
                 mark = Some(Box::pin(async move {
-                    let mark = move |tx: &rusqlite::Transaction| outbox::mark_published(tx, &batch);
-                    let result = if eager {
-                        writer.write(mark).await
-                    } else {
-                        writer.write_lazy(mark).await
-                    };
+                    let result = writer
+                        .write(move |tx| outbox::mark_published(tx, &batch))
+                        .await;
                     (ids, result)
                 }));
             }
@@ -1058,7 +1049,8 @@ async fn prune_all(
         let (n, at) = writer
             .write(move |t| {
                 let mut at = cursor;
-                let n = outbox::prune_window(t, &mut at, before, expiry_ms, PRUNE_BATCH_ROWS)?;
+                let n =
+                    outbox::prune_window(t, &mut at, before, expiry_ms, PRUNE_BATCH_ROWS, true)?;
                 Ok::<_, DbError>((n, at))
             })
             .await?;
@@ -1072,7 +1064,7 @@ async fn prune_all(
     let (capped, over) =
         crate::storage::prune_to_fit(writer, max_bytes, PRUNE_BATCH_ROWS, move |t, window| {
             let mut at = cursor.load(Ordering::Relaxed);
-            let n = outbox::prune_window(t, &mut at, before, expiry_ms, window)?;
+            let n = outbox::prune_window(t, &mut at, before, expiry_ms, window, false)?;
             cursor.store(at, Ordering::Relaxed);
             Ok(n)
         })

@@ -14,12 +14,6 @@
 //! COMMIT  (one fsync)
 //! ```
 //!
-//! A write that may wait ([`Writer::write_lazy`], the relay marking what the broker
-//! acknowledged) joins the next batch that another write starts, at its head, or after
-//! [`LAZY_WAIT`] one of its own: at a few requests a second each commit costs its own
-//! fsync and its own copy of every page it touched, and the marks would double them
-//! (docs/performance.md, "Scale").
-//!
 //! A request learns its result only after the COMMIT returned, so nothing is reported
 //! as done before it is durable. If the COMMIT fails, every request of the batch fails.
 //! Requests are closures that receive `&rusqlite::Transaction`, so that functions such
@@ -27,7 +21,7 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use prometheus_client::metrics::counter::Counter;
@@ -46,9 +40,6 @@ pub(crate) struct WriterOptions {
     /// Requests that may wait in the queue; senders wait when it is full.
     pub queue_max: usize,
 }
-
-/// How long a lazy write waits for another write's batch before it starts one.
-pub const LAZY_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Called once the batch's fate is known: `None` when it committed.
 type Finish = Box<dyn FnOnce(Option<&DbError>) + Send>;
@@ -86,8 +77,6 @@ impl WriterStats {
 #[derive(Clone)]
 pub struct Writer {
     jobs: mpsc::Sender<Job>,
-    /// Lazy writes waiting for the next batch, which takes them first.
-    lazy: Arc<Mutex<Vec<Job>>>,
     outbox_inserted: Arc<Notify>,
     stats: Arc<WriterStats>,
 }
@@ -111,25 +100,12 @@ impl Writer {
         let notify = outbox_inserted.clone();
         let stats = Arc::new(WriterStats::new(opts.batch_max));
         let recorder = stats.clone();
-        let lazy: Arc<Mutex<Vec<Job>>> = Arc::default();
-        let waiting = lazy.clone();
         std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || {
-                run(
-                    conn,
-                    rx,
-                    &waiting,
-                    opts.batch_max,
-                    &inserted,
-                    &notify,
-                    &recorder,
-                )
-            })
+            .spawn(move || run(conn, rx, opts.batch_max, &inserted, &notify, &recorder))
             .expect("spawning the writer thread");
         Writer {
             jobs,
-            lazy,
             outbox_inserted,
             stats,
         }
@@ -163,32 +139,6 @@ impl Writer {
         let (job, reply) = job(f);
         self.jobs
             .send(job)
-            .await
-            .map_err(|_| E::from(DbError::WriterStopped))?;
-        reply.await.map_err(|_| E::from(DbError::WriterStopped))?
-    }
-
-    /// [`Writer::write`] for a write that may wait up to [`LAZY_WAIT`] for another
-    /// write to share its commit (and its fsync) with: it runs first in the next
-    /// batch, or in one of its own after that wait.
-    pub async fn write_lazy<T, E, F>(&self, f: F) -> Result<T, E>
-    where
-        F: FnOnce(&Transaction) -> Result<T, E> + Send + 'static,
-        T: Send + 'static,
-        E: From<DbError> + Send + 'static,
-    {
-        let (job, mut reply) = job(f);
-        self.lazy
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(job);
-        if let Ok(result) = tokio::time::timeout(LAZY_WAIT, &mut reply).await {
-            return result.map_err(|_| E::from(DbError::WriterStopped))?;
-        }
-        // No batch came: an empty write starts one, which takes this one first.
-        let (nudge, _) = self::job(|_| Ok::<(), DbError>(()));
-        self.jobs
-            .send(nudge)
             .await
             .map_err(|_| E::from(DbError::WriterStopped))?;
         reply.await.map_err(|_| E::from(DbError::WriterStopped))?
@@ -263,7 +213,6 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
 fn run(
     mut conn: Connection,
     mut rx: mpsc::Receiver<Job>,
-    lazy: &Mutex<Vec<Job>>,
     batch_max: usize,
     inserted: &AtomicBool,
     notify: &Notify,
@@ -271,8 +220,6 @@ fn run(
 ) {
     let mut batch = Vec::with_capacity(batch_max);
     while let Some(first) = rx.blocking_recv() {
-        // The lazy writes first: they were waiting before whatever started this batch.
-        batch.append(&mut lazy.lock().unwrap_or_else(|e| e.into_inner()));
         batch.push(first);
         while batch.len() < batch_max {
             match rx.try_recv() {
