@@ -462,6 +462,10 @@ impl Consumer {
                     if !batch.is_empty() && !p.process(&mut batch, &cancel).await {
                         break;
                     }
+                    // Nothing more waiting: whoever looks now sees where it stands.
+                    if p.status_stale && link.events.is_empty() {
+                        p.publish_status_now();
+                    }
                     if p.report_due {
                         p.report_positions();
                     }
