@@ -434,7 +434,7 @@ impl Config {
                 "must be at least --reconnect-backoff-min-ms",
             ));
         }
-        if !(512..=65_536).contains(&self.db_page_size) || !self.db_page_size.is_power_of_two() {
+        if !crate::storage::valid_page_size(self.db_page_size) {
             return Err(bad(
                 "db-page-size",
                 "must be a power of two from 512 to 65536",

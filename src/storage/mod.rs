@@ -73,6 +73,11 @@ impl std::fmt::Display for Synchronous {
 pub const DEFAULT_PAGE_SIZE: u32 = 2_048;
 /// [`DbOptions::checkpoint_bytes`] by default.
 pub const DEFAULT_CHECKPOINT_BYTES: u64 = 10 << 20;
+/// Whether SQLite takes `size` as a page size: a power of two from 512 to 65536.
+pub fn valid_page_size(size: u32) -> bool {
+    size.is_power_of_two() && (512..=65_536).contains(&size)
+}
+
 /// The range of [`DbOptions::checkpoint_bytes`].
 pub const CHECKPOINT_BYTES_RANGE: std::ops::RangeInclusive<u64> = (64 << 10)..=(1 << 30);
 
@@ -155,8 +160,11 @@ impl Database {
             .map_err(open_err)?;
         if pages == 0 {
             let size = opts.page_size;
-            let valid = size.is_power_of_two() && (512..=65_536).contains(&size);
-            let size = if valid { size } else { DEFAULT_PAGE_SIZE };
+            let size = if valid_page_size(size) {
+                size
+            } else {
+                DEFAULT_PAGE_SIZE
+            };
             conn.pragma_update(None, "page_size", size)
                 .map_err(open_err)?;
         }

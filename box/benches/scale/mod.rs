@@ -248,11 +248,7 @@ fn table_bytes(c: &rusqlite::Connection) -> Vec<(String, u64)> {
 }
 
 fn peak_rss_kib(pid: u32) -> u64 {
-    proc_field(pid, "status")
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+    status_kib(pid, "VmHWM:")
 }
 
 fn backlog_figures(
